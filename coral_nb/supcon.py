@@ -5,19 +5,19 @@
 # %% auto #0
 __all__ = ['supcon_loss', 'SupConLoss']
 
-# %% ../nbs/03_supcon.ipynb #96f1f430
+# %% ../nbs/03_supcon.ipynb #ca7fbbf2
 import contextlib
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# %% ../nbs/03_supcon.ipynb #338fff11
+# %% ../nbs/03_supcon.ipynb #56ff1ca8
 def _no_autocast(device):
     "A context that switches autocast off on `device`, so the loss really runs in float32."
     if torch.amp.is_autocast_available(device.type): return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
 
-# %% ../nbs/03_supcon.ipynb #7dfe2e31
+# %% ../nbs/03_supcon.ipynb #45e7d969
 def _check_inputs(z, y, temperature, base_temperature):
     "Validate shapes and temperatures; return `y` as a tensor on `z`'s device."
     if not torch.is_tensor(z): raise TypeError(f"z must be a torch.Tensor, got {type(z).__name__}")
@@ -31,7 +31,7 @@ def _check_inputs(z, y, temperature, base_temperature):
         raise ValueError(f"base_temperature must be > 0 or None; got {base_temperature}")
     return y
 
-# %% ../nbs/03_supcon.ipynb #d8ad9b2d
+# %% ../nbs/03_supcon.ipynb #7f5f2b1c
 def supcon_loss(z, # embeddings [batch, dim], or [batch, views, dim] for several views per sample
                 y, # labels [batch] (one per sample, shared by its views)
                 temperature=0.1, # tau, divides the cosine similarities
@@ -78,7 +78,7 @@ def _per_sample(v, y, views, name):
     if v.shape != y.shape: raise ValueError(f"{name} must have one entry per sample, shape {tuple(y.shape)}; got {tuple(v.shape)}")
     return v.repeat_interleave(views)
 
-# %% ../nbs/03_supcon.ipynb #b887b4e5
+# %% ../nbs/03_supcon.ipynb #a5e086f7
 class SupConLoss(nn.Module):
     "`supcon_loss` as a module: `SupConLoss(temperature)(z, y)`."
     def __init__(self, temperature=0.1, base_temperature=None, normalize=True):
