@@ -11,13 +11,13 @@ import numpy as np
 import torch
 
 from .train import (TrainConfig, PRESETS, preset, config_from_dict, train, load_checkpoint, build_model,
-                            sample_grid, save_grid, RunFolderError, NonFiniteLoss)
+                            sample_grid, save_grid, RunFolderError, NonFiniteLoss, model_from_checkpoint)
 from .data import classes_by_frequency
 from .ddpm import Diffusion
 from .coral import METHODS
 
 # %% auto #0
-__all__ = ['add_config_args', 'overrides_from', 'make_config', 'train_cli', 'model_from_checkpoint', 'sample_cli']
+__all__ = ['add_config_args', 'overrides_from', 'make_config', 'train_cli', 'sample_cli']
 
 # %% ../nbs/09_cli.ipynb #92115e39
 def _field_type(f):
@@ -87,17 +87,6 @@ def train_cli(argv=None):
     # returns None: console scripts pass the return value to sys.exit, where anything else means failure
 
 # %% ../nbs/09_cli.ipynb #94a700e3
-def model_from_checkpoint(path, ema:bool=True, device='cpu'):
-    "(model, config, class_counts) from a run folder or checkpoint file; the EMA weights by default."
-    path = Path(path)
-    ck = load_checkpoint(path / 'checkpoint.pt' if path.is_dir() else path, device)
-    cfg = config_from_dict(ck['config'])
-    model = build_model(cfg, len(ck['class_counts'])).to(device)
-    if ema: state = {k.removeprefix('module.'): v for k, v in ck['ema'].items() if k != 'n_averaged'}
-    else: state = ck['model']
-    model.load_state_dict(state)
-    return model.eval(), cfg, ck['class_counts']
-
 def sample_cli(argv=None):
     "Console script `coral_sample`: class-conditional samples from a trained run, as a PNG grid or an .npz."
     p = argparse.ArgumentParser(prog='coral_sample', description='Draw class-conditional samples from a coral_train run.')

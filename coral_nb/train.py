@@ -23,8 +23,8 @@ from .coral import make_method, METHODS, Draws
 __all__ = ['RESUMABLE_FIELDS', 'PAPER_SETTINGS', 'PRESETS', 'MODELS', 'TrainConfig', 'config_diff', 'config_from_dict', 'preset',
            'ImageBank', 'EpochBatches', 'load_training_data', 'build_model', 'build_method', 'make_ema', 'ema_update',
            'dist_info', 'init_distributed', 'gather_features', 'average_gradients', 'NonFiniteLoss', 'RunFolderError',
-           'seed_everything', 'Trainer', 'load_checkpoint', 'sample_grid', 'save_grid', 'train',
-           'distributed_step_check']
+           'seed_everything', 'Trainer', 'load_checkpoint', 'model_from_checkpoint', 'sample_grid', 'save_grid',
+           'train', 'distributed_step_check']
 
 # %% ../nbs/05_train.ipynb #763d28dd
 @dataclass
@@ -376,6 +376,18 @@ def _load(self:Trainer, path):
     self.log(f"resumed from {path} at step {self.step}")
 
 Trainer.save, Trainer.load = _save, _load
+
+# %% ../nbs/05_train.ipynb #22c2d726
+def model_from_checkpoint(path, ema:bool=True, device='cpu'):
+    "(model, config, class_counts) from a run folder or checkpoint file; the EMA weights by default."
+    path = Path(path)
+    ck = load_checkpoint(path / 'checkpoint.pt' if path.is_dir() else path, device)
+    cfg = config_from_dict(ck['config'])
+    model = build_model(cfg, len(ck['class_counts'])).to(device)
+    if ema: state = {k.removeprefix('module.'): v for k, v in ck['ema'].items() if k != 'n_averaged'}
+    else: state = ck['model']
+    model.load_state_dict(state)
+    return model.eval(), cfg, ck['class_counts']
 
 # %% ../nbs/05_train.ipynb #ca26463e
 def _train_step(self:Trainer, draws:Draws|None=None, batch=None) -> dict:
