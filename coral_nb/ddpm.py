@@ -126,6 +126,8 @@ def q_sample(self:Diffusion, x0:torch.Tensor, t, noise:torch.Tensor|None=None) -
     if noise.shape != x0.shape: raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
     return self._gather('sqrt_alphas_bar', t, x0) * x0 + self._gather('sqrt_one_minus_alphas_bar', t, x0) * noise
 
+
+# %% ../nbs/01_ddpm.ipynb #dafb878c
 @patch
 def sample_timesteps(self:Diffusion, n:int, device=None, generator:torch.Generator|None=None) -> torch.Tensor:
     "`n` timesteps uniform in [0, T), drawn on the generator's device and returned on `device` (default: the buffers')."
@@ -140,6 +142,8 @@ def training_inputs(self:Diffusion, x0:torch.Tensor, t=None, noise:torch.Tensor|
     if noise is None: noise = _randn(x0.shape, generator, x0.device, x0.dtype)
     return self.q_sample(x0, t, noise), t, noise
 
+
+# %% ../nbs/01_ddpm.ipynb #2a459f4f
 def _check_y(y, B:int, where:str='y'):
     if y is None: return None
     if not isinstance(y, torch.Tensor): y = torch.as_tensor(y)
@@ -157,6 +161,7 @@ def loss(self:Diffusion, model, x0:torch.Tensor, y=None, t=None, noise:torch.Ten
     eps = model(x_t, t, y)
     if eps.shape != noise.shape: raise ValueError(f"model output shape {tuple(eps.shape)} != input shape {tuple(noise.shape)}")
     return F.mse_loss(eps.float(), noise.float())
+
 
 # %% ../nbs/01_ddpm.ipynb #c264b01d
 VAR_TYPES = ('fixedlarge', 'fixedsmall')
@@ -264,6 +269,8 @@ def _progress(it, progress:bool, total=None):
     from fastprogress.fastprogress import progress_bar
     return progress_bar(it, total=total, leave=False)
 
+
+# %% ../nbs/01_ddpm.ipynb #83283540
 def _sampling_setup(model, diffusion, y, shape, generator, device):
     "Common checks: (device, labels or None, batch size, generator)."
     if not isinstance(diffusion, Diffusion): raise TypeError(f"diffusion must be a Diffusion; got {type(diffusion).__name__}")
@@ -285,6 +292,8 @@ def _sampling_setup(model, diffusion, y, shape, generator, device):
     if isinstance(generator, int) and not isinstance(generator, bool): generator = torch.Generator(device).manual_seed(generator)
     return device, y, n, (n, *shape), generator
 
+
+# %% ../nbs/01_ddpm.ipynb #c528ac90
 class _EvalMode:
     "Context manager: model.eval() and torch.no_grad(), restoring the training flag afterwards."
     def __init__(self, model): self.model, self.was = model, getattr(model, 'training', None)
@@ -295,6 +304,8 @@ class _EvalMode:
         self.ng.__exit__(*a)
         if isinstance(self.model, nn.Module) and self.was: self.model.train()
 
+
+# %% ../nbs/01_ddpm.ipynb #cf3dd3d4
 def ddpm_sample(model, diffusion:Diffusion,
                 y, # labels [B] (NULL_LABEL = unconditional row) or an int: number of samples with y=None
                 shape:Sequence[int], # one sample's shape, e.g. (C, H, W)
@@ -320,6 +331,7 @@ def ddpm_sample(model, diffusion:Diffusion,
             if return_trajectory: traj.append(x)
     out = x.clamp(-1, 1)
     return (out, torch.stack(traj).cpu()) if return_trajectory else out
+
 
 # %% ../nbs/01_ddpm.ipynb #34e73d41
 SPACINGS = ('leading', 'trailing', 'linspace')
