@@ -32,6 +32,29 @@ def _check_inputs(z, y, temperature, base_temperature):
     return y
 
 # %% ../nbs/03_supcon.ipynb #7f5f2b1c
+def _per_sample(v, y, views, name):
+    "A per-sample tensor [batch] repeated for every view, checked against the batch size."
+    v = torch.as_tensor(v, device=y.device)
+    if v.shape != y.shape: raise ValueError(f"{name} must have one entry per sample, shape {tuple(y.shape)}; got {tuple(v.shape)}")
+    return v.repeat_interleave(views)
+
+# %% ../nbs/03_supcon.ipynb #954cd035
+def _supcon_terms(f, labels, temperature, part=None):
+    "Per-anchor losses [N], has-a-positive [N] and negative pairs [N, N] for unit rows `f` with `labels`."
+    logits = f @ f.T / temperature                                       # s_ia = z_i.z_a / tau
+    is_self = torch.eye(f.shape[0], dtype=torch.bool, device=f.device)
+    same = labels[:, None] == labels[None, :]
+    pos, neg, excluded = same & ~is_self, ~same, is_self
+    if part is not None:
+        pos, neg = pos & part[None, :], neg & part[None, :]
+        excluded = is_self | ~part[None, :]
+    # log softmax over a != i; logsumexp subtracts the row max, so tau=0.01 cannot overflow
+    log_den = torch.logsumexp(logits.masked_fill(excluded, float('-inf')), dim=1, keepdim=True)
+    n_pos = pos.sum(1)
+    per_anchor = -torch.where(pos, logits - log_den, 0.).sum(1) / n_pos.clamp_min(1)
+    return per_anchor, n_pos > 0, neg
+
+# %% ../nbs/03_supcon.ipynb #ab11c454
 def supcon_loss(z, # embeddings [batch, dim], or [batch, views, dim] for several views per sample
                 y, # labels [batch] (one per sample, shared by its views)
                 temperature=0.1, # tau, divides the cosine similarities
@@ -45,38 +68,16 @@ def supcon_loss(z, # embeddings [batch, dim], or [batch, views, dim] for several
     with _no_autocast(z.device):
         f = z.reshape(-1, z.shape[-1])            # [N=B*V, D]; view v of sample b is row b*V+v
         if not f.is_floating_point() or f.dtype in (torch.float16, torch.bfloat16): f = f.float()
-        n = f.shape[0]
-        if n < 2: return f.sum() * 0              # one embedding: nothing to contrast (shape check, no sync)
+        if f.shape[0] < 2: return f.sum() * 0     # one embedding: nothing to contrast (shape check, no sync)
         if normalize: f = F.normalize(f, dim=1)
-        views = n // len(y)
-        labels = y.repeat_interleave(views)
-        logits = f @ f.T / temperature            # s_ia = z_i.z_a / tau
-        is_self = torch.eye(n, dtype=torch.bool, device=f.device)
-        same = labels[:, None] == labels[None, :]
-        pos, neg = same & ~is_self, ~same
-        excluded = is_self
-        if mask is not None:                      # masked-out samples vanish from every sum (no indexing: no sync)
-            part = _per_sample(mask, y, views, 'mask').bool()
-            pos, neg = pos & part[None, :], neg & part[None, :]
-            excluded = is_self | ~part[None, :]
-        # log softmax over a != i; logsumexp subtracts the row max, so tau=0.01 cannot overflow
-        log_den = torch.logsumexp(logits.masked_fill(excluded, float('-inf')), dim=1, keepdim=True)
-        log_prob = logits - log_den
-        n_pos = pos.sum(1)
-        per_anchor = -torch.where(pos, log_prob, 0.).sum(1) / n_pos.clamp_min(1)
+        views = f.shape[0] // len(y)
+        part = None if mask is None else _per_sample(mask, y, views, 'mask').bool()
+        per_anchor, has_pos, neg = _supcon_terms(f, y.repeat_interleave(views), temperature, part)
         if base_temperature is not None: per_anchor = per_anchor * (temperature / base_temperature)
-        has_pos = n_pos > 0                       # anchors without a positive are left out of the mean
-        if mask is not None: has_pos = has_pos & part
-        weighted = per_anchor if weights is None else per_anchor * _per_sample(weights, y, views, 'weights').to(per_anchor.dtype)
-        loss = torch.where(has_pos, weighted, 0.).sum() / has_pos.sum().clamp_min(1)
-        # no positive pair or no negative pair in the batch: 0, still attached to the graph
+        if part is not None: has_pos = has_pos & part
+        if weights is not None: per_anchor = per_anchor * _per_sample(weights, y, views, 'weights').to(per_anchor.dtype)
+        loss = torch.where(has_pos, per_anchor, 0.).sum() / has_pos.sum().clamp_min(1)
         return loss * (has_pos.any() & (neg & has_pos[:, None]).any())
-
-def _per_sample(v, y, views, name):
-    "A per-sample tensor [batch] repeated for every view, checked against the batch size."
-    v = torch.as_tensor(v, device=y.device)
-    if v.shape != y.shape: raise ValueError(f"{name} must have one entry per sample, shape {tuple(y.shape)}; got {tuple(v.shape)}")
-    return v.repeat_interleave(views)
 
 # %% ../nbs/03_supcon.ipynb #a5e086f7
 class SupConLoss(nn.Module):
