@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from fastcore.basics import patch  # adds methods to a class cell by cell
 
 from .ddpm import Diffusion, NULL_LABEL
 from .unet import BottleneckHook
@@ -76,6 +77,8 @@ def eps_mse(eps:torch.Tensor, target:torch.Tensor) -> torch.Tensor:
     "Per-sample mean squared error [B] (float32 even under autocast)."
     return (eps.float() - target.float()).pow(2).flatten(1).mean(1)
 
+
+# %% ../nbs/04_coral.ipynb #8c6e1c7e
 class DDPMLoss(nn.Module):
     "Plain DDPM: epsilon-prediction MSE with classifier-free label dropping. The base of every method."
     name = 'ddpm'
@@ -103,21 +106,27 @@ class DDPMLoss(nn.Module):
 
     def extra_draws(self, x0, y, generator) -> dict: return {}
 
-    def forward(self, model:nn.Module, x0:torch.Tensor, y:torch.Tensor, draws:Draws|None=None, generator=None) -> dict:
-        if len(y) != len(x0): raise ValueError(f"got {len(x0)} images but {len(y)} labels")
-        d = self.draw(x0, y, generator) if draws is None else draws
-        x_t = self.diffusion.q_sample(x0, d.t, d.noise)
-        return self.objective(model, x0, x_t, y, with_nulls(y, d.keep), d)
 
-    def objective(self, model, x0, x_t, y, y_in, d:Draws) -> dict:
-        return self.parts(diffusion=eps_mse(model(x_t, d.t, y_in), d.noise).mean())
+# %% ../nbs/04_coral.ipynb #66bd80bb
+@patch
+def forward(self:DDPMLoss, model:nn.Module, x0:torch.Tensor, y:torch.Tensor, draws:Draws|None=None, generator=None) -> dict:
+    if len(y) != len(x0): raise ValueError(f"got {len(x0)} images but {len(y)} labels")
+    d = self.draw(x0, y, generator) if draws is None else draws
+    x_t = self.diffusion.q_sample(x0, d.t, d.noise)
+    return self.objective(model, x0, x_t, y, with_nulls(y, d.keep), d)
 
-    def parts(self, **terms) -> dict:
-        "All loss parts (missing ones as zeros) and their sum as `loss`."
-        zero = next(iter(terms.values())).new_zeros(())
-        out = {k: terms.get(k, zero) for k in LOSS_PARTS}
-        out['loss'] = sum(out.values())
-        return {**out, **{k: v for k, v in terms.items() if k not in LOSS_PARTS}}
+@patch
+def objective(self:DDPMLoss, model, x0, x_t, y, y_in, d:Draws) -> dict:
+    return self.parts(diffusion=eps_mse(model(x_t, d.t, y_in), d.noise).mean())
+
+@patch
+def parts(self:DDPMLoss, **terms) -> dict:
+    "All loss parts (missing ones as zeros) and their sum as `loss`."
+    zero = next(iter(terms.values())).new_zeros(())
+    out = {k: terms.get(k, zero) for k in LOSS_PARTS}
+    out['loss'] = sum(out.values())
+    return {**out, **{k: v for k, v in terms.items() if k not in LOSS_PARTS}}
+
 
 # %% ../nbs/04_coral.ipynb #0f8eed8e
 class CBDMLoss(DDPMLoss):
@@ -207,6 +216,8 @@ class CoralTerm(nn.Module):
         if self.official_temperature_scale: term = term * self.temperature
         return term, raw.detach()
 
+
+# %% ../nbs/04_coral.ipynb #6c57e7b0
 class CORALLoss(DDPMLoss):
     "CORAL: DDPM + lambda(t) * SupCon(normalised projected pooled bottleneck), from one U-Net forward pass."
     name = 'coral'
@@ -221,6 +232,8 @@ class CORALLoss(DDPMLoss):
         term, raw = self.coral(hook.pooled, y, d.keep, d.t)
         return self.parts(diffusion=eps_mse(eps, d.noise).mean(), supcon=term, supcon_raw=raw)
 
+
+# %% ../nbs/04_coral.ipynb #b0d9d7ef
 class CORALCBDMLoss(CBDMLoss):
     "CORAL combined with CBDM: both regularisers; SupCon on the conditional half of CBDM's doubled forward pass."
     name = 'coral+cbdm'
@@ -234,6 +247,7 @@ class CORALCBDMLoss(CBDMLoss):
         with BottleneckHook(model) as hook: eps, eps_other = self.eps_pair(model, x_t, d.t, y_in, d.extra['y_other'])
         term, raw = self.coral(hook.pooled[:len(x0)], y, d.keep, d.t)
         return self.parts(diffusion=eps_mse(eps, d.noise).mean(), reg=self.cbdm_reg(eps, eps_other, d), supcon=term, supcon_raw=raw)
+
 
 # %% ../nbs/04_coral.ipynb #987f7440
 METHODS = {m.name: m for m in (DDPMLoss, CBDMLoss, T2HLoss, CORALLoss, CORALCBDMLoss)}
