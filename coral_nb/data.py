@@ -180,12 +180,16 @@ def plot_class_counts(counts:Sequence[int], classes:Sequence[str]|None=None, man
     "Bar chart of images per class on a log scale, coloured by many/medium/few-shot group."
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
+    from matplotlib.ticker import LogLocator, FuncFormatter, NullFormatter
     if ax is None: _, ax = plt.subplots(figsize=(7, 2.8))
     groups = class_groups(counts, many, few)
     colour = {c: GROUP_COLOURS[g] for g, cs in groups.items() for c in cs}
     labels = list(classes) if classes is not None else [str(c) for c in range(len(counts))]
     ax.bar(range(len(counts)), counts, color=[colour[c] for c in range(len(counts))])
-    ax.set_yscale('log'); ax.set_ylabel('images (log scale)')
+    ax.set_yscale('log'); ax.set_ylabel('images (log scale)'); ax.set_xlabel('class (head → tail)')
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))     # 1, 2, 5, 10, 20, 50, ... only
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f'{v:,.0f}'))     # plain numbers, not 2x10^1
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xticks(range(len(counts))); ax.set_xticklabels(labels, rotation=45 if len(labels) > 10 or max(map(len, labels)) > 3 else 0, ha='right' if max(map(len, labels)) > 3 else 'center')
     ax.legend(handles=[Patch(color=GROUP_COLOURS[g], label=f'{g}-shot') for g in groups if groups[g]], fontsize=8)
     ax.set_title(title or f'{sum(counts):,} images, imbalance ratio {min(counts)/max(counts):.3g}')
@@ -197,7 +201,9 @@ def to_image(x:torch.Tensor) -> np.ndarray:
     x = ((x.detach().float().cpu() + 1) / 2).clamp(0, 1)
     return x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
 
-def show_class_grid(dataset, n_per_class:int=8, classes:Sequence[int]|None=None, seed:int=0, size:float=0.6):
+def show_class_grid(dataset, n_per_class:int=8, classes:Sequence[int]|None=None, seed:int=0, size:float=0.6,
+                    proportional:bool=False, # row lengths proportional to the class sizes (at least 1 image)
+                   ):
     "Grid of example images: one row per class, ordered head to tail, labelled with the class count."
     import matplotlib.pyplot as plt
     targets = get_targets(dataset)
@@ -207,7 +213,8 @@ def show_class_grid(dataset, n_per_class:int=8, classes:Sequence[int]|None=None,
     rng = np.random.default_rng(seed)
     fig, axs = plt.subplots(len(order), n_per_class, figsize=(n_per_class * size + 1.2, len(order) * size), squeeze=False)
     for row, c in zip(axs, order):
-        idx = rng.permutation(np.flatnonzero(targets == c))[:n_per_class]
+        k = max(1, round(n_per_class * counts[c] / counts.max())) if proportional else n_per_class
+        idx = rng.permutation(np.flatnonzero(targets == c))[:k]
         for ax in row: ax.axis('off')
         for ax, i in zip(row, idx):
             img = dataset[int(i)][0]
