@@ -149,6 +149,33 @@ class UpLevel(nn.Module):
         if self.resample is not None: h = self.resample(h)
         return h
 
+# %% ../nbs/02_unet.ipynb #fecb1861
+def _down_path(ch, ch_mult, attn, num_res_blocks, tdim, dropout, groups):
+    "Encoder levels, the channels of every skip activation in push order (head conv first), and the final channels."
+    chs, now, down = [ch], ch, nn.ModuleList()
+    for i, mult in enumerate(ch_mult):
+        blocks = []
+        for _ in range(num_res_blocks):
+            blocks.append(ResBlock(now, ch * mult, tdim, dropout, attn=i in attn, groups=groups))
+            now = ch * mult; chs.append(now)
+        last = i == len(ch_mult) - 1
+        if not last: chs.append(now)
+        down.append(DownLevel(blocks, None if last else DownSample(now)))
+    return down, chs, now
+
+# %% ../nbs/02_unet.ipynb #a21b24a0
+def _up_path(chs, now, ch, ch_mult, attn, num_res_blocks, tdim, dropout, groups):
+    "Decoder levels, keyed by level number and stored deepest first (the order they run), popping `chs`."
+    up = nn.ModuleDict()
+    for i, mult in reversed(list(enumerate(ch_mult))):
+        blocks = []
+        for _ in range(num_res_blocks + 1):
+            blocks.append(ResBlock(chs.pop() + now, ch * mult, tdim, dropout, attn=i in attn, groups=groups))
+            now = ch * mult
+        up[str(i)] = UpLevel(blocks, UpSample(now) if i else None)
+    assert not chs, "every skip activation is consumed"
+    return up, now
+
 # %% ../nbs/02_unet.ipynb #2b5db196
 class UNet(nn.Module):
     "The pytorch-ddpm U-Net with optional class conditioning; `model(x, t, y)` predicts the noise in x."
@@ -181,28 +208,12 @@ class UNet(nn.Module):
         self.class_emb = nn.Embedding(num_classes + int(null_class), tdim) if num_classes else None
         self.head = _init(nn.Conv2d(in_ch, ch, 3, padding=1))
 
-        chs, now = [ch], ch                   # channels of every skip activation, in push order
-        self.down = nn.ModuleList()
-        for i, mult in enumerate(ch_mult):
-            blocks = []
-            for _ in range(num_res_blocks):
-                blocks.append(ResBlock(now, ch * mult, tdim, dropout, attn=i in attn, groups=groups))
-                now = ch * mult; chs.append(now)
-            last = i == len(ch_mult) - 1
-            if not last: chs.append(now)
-            self.down.append(DownLevel(blocks, None if last else DownSample(now)))
+        self.down, chs, now = _down_path(ch, ch_mult, attn, num_res_blocks, tdim, dropout, groups)
 
         self.bottleneck = Bottleneck(now, tdim, dropout, groups)
         self.bottleneck_channels = now
 
-        self.up = nn.ModuleDict()             # keys are level numbers, stored deepest first (the order they run)
-        for i, mult in reversed(list(enumerate(ch_mult))):
-            blocks = []
-            for _ in range(num_res_blocks + 1):
-                blocks.append(ResBlock(chs.pop() + now, ch * mult, tdim, dropout, attn=i in attn, groups=groups))
-                now = ch * mult
-            self.up[str(i)] = UpLevel(blocks, UpSample(now) if i else None)
-        assert not chs
+        self.up, now = _up_path(chs, now, ch, ch_mult, attn, num_res_blocks, tdim, dropout, groups)
 
         self.tail = nn.Sequential(nn.GroupNorm(groups, now), nn.SiLU(), _init(nn.Conv2d(now, in_ch, 3, padding=1), gain=1e-5))
 
@@ -238,6 +249,8 @@ def _check_inputs(self:UNet, x, t, y):
                                  f"got {sorted(set(y[~ok].tolist()))[:5]}")
     return t
 
+
+# %% ../nbs/02_unet.ipynb #b831d554
 def _embed(self:UNet, t:torch.Tensor, y:torch.Tensor|None=None) -> torch.Tensor:
     "Time embedding plus class embedding: [B, 4*ch]."
     temb = self.time_embedding(t)
@@ -246,6 +259,7 @@ def _embed(self:UNet, t:torch.Tensor, y:torch.Tensor|None=None) -> torch.Tensor:
     return temb if cemb is None else temb + cemb
 
 UNet._check_inputs, UNet.embed = _check_inputs, _embed
+
 
 # %% ../nbs/02_unet.ipynb #9729857e
 def _encode(self:UNet, x, t, y=None):
@@ -350,6 +364,8 @@ def get_module(model:nn.Module, name:str) -> nn.Module:
                      + (f"Close matches: {close}. " if close else '')
                      + f"Top-level modules: {top}. Use dotted names, e.g. {valid[min(3, len(valid)-1)]!r}.")
 
+
+# %% ../nbs/02_unet.ipynb #be5fa5c4
 class FeatureHooks:
     "Capture the outputs of named submodules during ordinary forward passes (a context manager)."
     def __init__(self,
@@ -386,6 +402,8 @@ class FeatureHooks:
     def __del__(self): self.remove()
     def __repr__(self): return f"FeatureHooks({self.names}, active={bool(self.handles)}, captured={list(self.stored)})"
 
+
+# %% ../nbs/02_unet.ipynb #bfba79b8
 class BottleneckHook:
     "Capture `model.bottleneck`'s output: `.features` [B, C, h, w] and `.pooled` [B, C]."
     def __init__(self, model:nn.Module, detach:bool=False):
@@ -397,3 +415,4 @@ class BottleneckHook:
     def remove(self): self.hooks.remove()
     def __enter__(self): return self
     def __exit__(self, *exc): self.hooks.remove()
+
