@@ -128,6 +128,8 @@ class TensorImages(Dataset):
     def __len__(self): return len(self.images)
     def __getitem__(self, i): return self.images[i], self.targets[i]
 
+
+# %% ../nbs/00_data.ipynb #2f5ec7e5
 def digits(split:str='train', # 'train', 'test' (balanced, `n_test` per class) or 'all'
            size:int=16, # output side, a power of two >= 8
            channels:int=3, # 3 (RGB-like, as the CIFAR models expect) or 1
@@ -153,6 +155,7 @@ def digits_lt(imb_ratio:float=0.1, # rho = n_min / n_max
               size:int=16, channels:int=3, profile:str='exp', seed:int=0, n_max:int|None=None) -> LongTailed:
     "The offline long-tailed training set: the digits train split made long-tailed (class 0 is the head)."
     return long_tailed(digits('train', size, channels), imb_ratio, profile, seed, n_max)
+
 
 # %% ../nbs/00_data.ipynb #5bc2c28b
 def class_groups(counts:Sequence[int], many:int=100, few:int=20) -> dict[str, list[int]]:
@@ -261,6 +264,8 @@ class _VisibleImageFolder(ImageFolder):
         classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith('.'))
         return classes, {c: i for i, c in enumerate(classes)}
 
+
+# %% ../nbs/00_data.ipynb #ce3a4818
 def image_folder(root:str|Path, size:int|None=None, flip:bool=True, channels:int=3, transform=None):
     "A torchvision `ImageFolder` over `root/<class>/<image>`, images in [-1, 1]; clear errors for empty trees."
     root = Path(root).expanduser()
@@ -276,6 +281,7 @@ def image_folder_lt(root:str|Path, imb_ratio:float, profile:str='exp', seed:int=
                     size:int|None=None, flip:bool=True, channels:int=3, class_order=None) -> LongTailed:
     "A long-tailed subset of an image folder (for example the JPEG copy of CIFAR-10: `root=.../train`)."
     return long_tailed(image_folder(root, size, flip, channels), imb_ratio, profile, seed, n_max, class_order)
+
 
 # %% ../nbs/00_data.ipynb #60b11212
 class ImageList(Dataset):

@@ -49,6 +49,8 @@ def _bcast(v:torch.Tensor, x:torch.Tensor) -> torch.Tensor:
     "Reshape per-sample values `v` [B] to broadcast against `x` [B, ...]."
     return v.reshape(-1, *([1] * (x.dim() - 1)))
 
+
+# %% ../nbs/01_ddpm.ipynb #207b4659
 class Diffusion(nn.Module):
     "A DDPM noise schedule and every quantity derived from it (computed in float64), as buffers that follow `.to(device)`."
     BUFFERS = ('betas', 'alphas', 'alphas_bar', 'alphas_bar_prev', 'sqrt_alphas_bar', 'sqrt_one_minus_alphas_bar',
@@ -81,13 +83,19 @@ class Diffusion(nn.Module):
         self.schedule64 = d  # float64 originals, on the CPU
         for k in self.BUFFERS: self.register_buffer(k, d[k].to(dtype), persistent=False)
 
-    def extra_repr(self): return f"T={self.T}, schedule={self.schedule!r}"
-    @property
-    def device(self): return self.betas.device
-    def snr(self) -> torch.Tensor:
-        "Signal-to-noise ratio alpha-bar / (1 - alpha-bar) per step (float64, CPU)."
-        ab = self.schedule64['alphas_bar']
-        return ab / (1 - ab)
+
+# %% ../nbs/01_ddpm.ipynb #581350bd
+@patch
+def extra_repr(self:Diffusion): return f"T={self.T}, schedule={self.schedule!r}"
+
+@patch(as_prop=True)
+def device(self:Diffusion): return self.betas.device
+
+@patch
+def snr(self:Diffusion) -> torch.Tensor:
+    "Signal-to-noise ratio alpha-bar / (1 - alpha-bar) per step (float64, CPU)."
+    ab = self.schedule64['alphas_bar']
+    return ab / (1 - ab)
 
 # %% ../nbs/01_ddpm.ipynb #7edfe5de
 @patch
@@ -179,6 +187,8 @@ def q_posterior(self:Diffusion, x0:torch.Tensor, x_t:torch.Tensor, t):
     mean = self._gather('posterior_mean_coef1', t, x_t) * x0 + self._gather('posterior_mean_coef2', t, x_t) * x_t
     return mean, self._gather('posterior_var', t, x_t), self._gather('posterior_log_var_clipped', t, x_t)
 
+
+# %% ../nbs/01_ddpm.ipynb #a4a13814
 @patch
 def _log_var(self:Diffusion, t, x, var_type):
     if var_type == 'fixedlarge': return self._gather('log_var_fixedlarge', t, x)
@@ -194,6 +204,8 @@ def p_mean_variance(self:Diffusion, x_t:torch.Tensor, t, eps:torch.Tensor, var_t
     mean, _, _ = self.q_posterior(x0, x_t, t)
     return mean, self._log_var(t, x_t, var_type), x0
 
+
+# %% ../nbs/01_ddpm.ipynb #08ef3024
 @patch
 def p_sample_step(self:Diffusion, x_t:torch.Tensor, t, eps:torch.Tensor, noise:torch.Tensor|None=None,
                   var_type:str='fixedlarge', clip_x0:bool=False) -> torch.Tensor:
@@ -202,6 +214,7 @@ def p_sample_step(self:Diffusion, x_t:torch.Tensor, t, eps:torch.Tensor, noise:t
     mean, log_var, _ = self.p_mean_variance(x_t, t, eps, var_type, clip_x0)
     if noise is None: return mean
     return mean + _bcast((t > 0).to(x_t.dtype), x_t) * (0.5 * log_var).exp() * noise  # mask on device: no sync
+
 
 # %% ../nbs/01_ddpm.ipynb #66d7e4de
 def _is_zero(w) -> bool: return isinstance(w, (int, float)) and not isinstance(w, bool) and w == 0
@@ -346,6 +359,8 @@ def ddim_timesteps(T:int, steps:int, spacing:str='leading') -> list[int]:
     else: raise ValueError(f"unknown spacing {spacing!r}; valid: {list(SPACINGS)}")
     return ts[::-1]
 
+
+# %% ../nbs/01_ddpm.ipynb #fa285d79
 @patch
 def ddim_step(self:Diffusion, x_t:torch.Tensor, t, t_prev, eps:torch.Tensor, eta:float=0., noise:torch.Tensor|None=None,
               clip_x0:bool=False) -> torch.Tensor:
@@ -362,6 +377,7 @@ def ddim_step(self:Diffusion, x_t:torch.Tensor, t, t_prev, eps:torch.Tensor, eta
     return x if noise is None else x + sigma * noise
 
 
+# %% ../nbs/01_ddpm.ipynb #a4f2a3a2
 def ddim_sample(model, diffusion:Diffusion,
                 y, # labels [B] (NULL_LABEL = unconditional row) or an int: number of samples with y=None
                 shape:Sequence[int], # one sample's shape, e.g. (C, H, W)
@@ -391,3 +407,4 @@ def ddim_sample(model, diffusion:Diffusion,
             if return_trajectory: traj.append(x)
     out = x.clamp(-1, 1)
     return (out, torch.stack(traj).cpu()) if return_trajectory else out
+
