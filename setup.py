@@ -13,6 +13,8 @@ setup_cfg = {o: cfg[o] for o in cfg_keys}
 
 licenses = {'apache2': ('Apache Software License 2.0', 'OSI Approved :: Apache Software License')}
 statuses = ['1 - Planning', '2 - Pre-Alpha', '3 - Alpha', '4 - Beta', '5 - Production/Stable', '6 - Mature', '7 - Inactive']
+status = int(cfg['status'])
+assert 1 <= status <= len(statuses), f"settings.ini status must be 1 to {len(statuses)}; got {status}"
 py_versions = '3.9 3.10 3.11 3.12 3.13'.split()
 
 requirements = shlex.split(cfg.get('requirements', ''))
@@ -23,7 +25,7 @@ lic = licenses.get(cfg['license'].lower(), (cfg['license'], None))
 setuptools.setup(
     name=cfg['lib_name'],
     license=lic[0],
-    classifiers=['Development Status :: ' + statuses[int(cfg['status'])],
+    classifiers=['Development Status :: ' + statuses[status - 1],   # status 3 is '3 - Alpha'
                  'Intended Audience :: ' + cfg['audience'].title(),
                  'Natural Language :: ' + cfg['language'].title()]
                 + ['Programming Language :: Python :: ' + o for o in py_versions[py_versions.index(min_python):]]

@@ -4,20 +4,20 @@
 
 # %% ../nbs/09_cli.ipynb #026c6120
 from __future__ import annotations
-import argparse, dataclasses, json, sys
+import argparse, dataclasses, json, shlex, sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .train import (TrainConfig, PRESETS, preset, config_from_dict, train, load_checkpoint, build_model,
-                            sample_grid, save_grid, RunFolderError, NonFiniteLoss, model_from_checkpoint)
+from .train import (TrainConfig, PRESETS, CHOICES, preset, config_from_dict, train, load_checkpoint, sample_grid, save_grid,
+                            class_labels, check_device, check_run_folder, model_from_loaded, model_from_checkpoint,
+                            ConfigError, RunFolderError, NonFiniteLoss, TrainingInterrupted)
 from .data import classes_by_frequency
 from .ddpm import Diffusion
-from .coral import METHODS
 
 # %% auto #0
-__all__ = ['add_config_args', 'overrides_from', 'make_config', 'train_cli', 'sample_cli']
+__all__ = ['field_help', 'add_config_args', 'overrides_from', 'make_config', 'train_cli', 'sample_cli']
 
 # %% ../nbs/09_cli.ipynb #92115e39
 def _field_type(f):
@@ -27,21 +27,44 @@ def _field_type(f):
     if t in (float, 'float', 'float|None'): return float
     return str
 
-def add_config_args(p:argparse.ArgumentParser):
-    "One `--field` option per TrainConfig field (default: not given)."
-    g = p.add_argument_group('configuration overrides (TrainConfig fields)')
+def field_help() -> dict[str, str]:
+    "Each TrainConfig field's explanation: the comment beside it in the class's source."
+    import inspect, io, tokenize
+    try: lines = inspect.getsource(TrainConfig).splitlines()
+    except (OSError, TypeError): return {}
+    out = {}
+    for line in lines:
+        try: toks = [t for t in tokenize.generate_tokens(io.StringIO(line.strip() + '\n').readline) if t.type not in (tokenize.NL, tokenize.NEWLINE, tokenize.ENDMARKER)]
+        except (tokenize.TokenError, SyntaxError, IndentationError): continue
+        if len(toks) >= 3 and toks[0].type == tokenize.NAME and toks[1].string == ':' and toks[-1].type == tokenize.COMMENT:
+            out[toks[0].string] = toks[-1].string.lstrip('#').strip()
+    return out
+
+def add_config_args(p:argparse.ArgumentParser, defaults:TrainConfig|None=None, source:str='TrainConfig'):
+    "One `--field` option per TrainConfig field (default: not given), explained by the field's comment, with `defaults`' value shown."
+    g = p.add_argument_group(f'configuration (TrainConfig fields; [values] are those of {source})')
+    helps, defaults = field_help(), defaults or TrainConfig()
     for f in dataclasses.fields(TrainConfig):
-        typ = _field_type(f)
-        if typ is bool: g.add_argument(f'--{f.name}', action=argparse.BooleanOptionalAction, default=None)
-        else: g.add_argument(f'--{f.name}', type=typ, default=None, metavar=typ.__name__.upper(), help=f'(default {f.default})')
+        typ, v = _field_type(f), getattr(defaults, f.name)
+        h = f"{helps.get(f.name, '')} [{json.dumps(v)}]".strip().replace('%', '%%')
+        if typ is bool: g.add_argument(f'--{f.name}', action=argparse.BooleanOptionalAction, default=None, help=h)
+        elif f.name in CHOICES: g.add_argument(f'--{f.name}', choices=CHOICES[f.name], default=None, help=h)
+        else: g.add_argument(f'--{f.name}', type=typ, default=None, metavar=typ.__name__.upper(), help=h)
 
 def overrides_from(args) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
 
 # %% ../nbs/09_cli.ipynb #f507f754
-def _fail(prog, e, code=2):
-    print(f"{prog}: error: {e}", file=sys.stderr)
+def _fail(prog, e, code=2, kind='error'):
+    print(f"{prog}: {kind + ': ' if kind else ''}{e}", file=sys.stderr)
     sys.exit(code)
+
+class _Parser(argparse.ArgumentParser):
+    "argparse, with its errors on one line (no usage block above them)."
+    def error(self, message): _fail(self.prog, f"{message} (see {self.prog} --help)")
+
+_ROOT_HINTS = {'cifar10': 'add --download to let torchvision fetch CIFAR-10 into it', 'cifar100': 'add --download to let torchvision fetch CIFAR-100 into it',
+               'folder': 'expected a folder of class folders: root/<class>/<image>', 'imagenet_lt': "expected the folder the list file's image paths start from"}
 
 def make_config(name:str='digits', config_file:str|None=None, overrides:dict|None=None) -> TrainConfig:
     "Preset `name`, then the JSON `config_file`'s fields, then `overrides`; every value checked."
@@ -49,19 +72,33 @@ def make_config(name:str='digits', config_file:str|None=None, overrides:dict|Non
     if config_file:
         path = Path(config_file)
         if not path.is_file(): raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-        try: d.update(json.loads(path.read_text()))
-        except json.JSONDecodeError as e: raise ValueError(f"config file {str(path)!r} is not valid JSON: {e}") from None
+        try: given = json.loads(path.read_text())
+        except (ValueError, UnicodeDecodeError) as e: raise ValueError(f"config file {str(path)!r} is not valid JSON: {e}") from None
+        if not isinstance(given, dict):
+            raise ConfigError(f"config file {str(path)!r} holds a JSON {type(given).__name__}; expected a JSON object of TrainConfig fields, like {{\"steps\": 2000}}")
+        try: config_from_dict({**d, **given})
+        except ValueError as e: raise ConfigError(f"config file {str(path)!r}: {e}") from None
+        d.update(given)
     d.update(overrides or {})
     cfg = config_from_dict(d)
-    if cfg.method not in METHODS: raise ValueError(f"unknown method {cfg.method!r}; valid methods: {', '.join(METHODS)}")
-    if cfg.root and not cfg.download and not Path(cfg.root).expanduser().exists():
-        raise FileNotFoundError(f"dataset root {cfg.root!r} does not exist (add --download to let torchvision fetch CIFAR into it)")
+    if cfg.dataset != 'digits' and cfg.root and not (cfg.download and cfg.dataset.startswith('cifar')) and not Path(cfg.root).expanduser().exists():
+        raise FileNotFoundError(f"dataset root {cfg.root!r} does not exist ({_ROOT_HINTS[cfg.dataset]})")
+    if cfg.dataset == 'imagenet_lt' and cfg.list_file and not Path(cfg.list_file).expanduser().is_file():
+        raise FileNotFoundError(f"list file {cfg.list_file!r} does not exist (expected ImageNet_LT_train.txt: one 'path label' per line)")
     return cfg
+
+def _resume_command(argv) -> str:
+    "The command line that continues an interrupted run (as given, less the options that refuse or replace it)."
+    return shlex.join(['coral_train', *[x for x in argv if x not in ('--no-resume', '--overwrite')]])
 
 def train_cli(argv=None):
     "Console script `coral_train`: train a preset (default: CORAL on the offline digits) and say where the results are."
-    p = argparse.ArgumentParser(prog='coral_train', description='Train a class-conditional diffusion model with CORAL or a baseline. '
-                                'With no arguments: CORAL on the offline long-tailed digits, on the CPU, in a few minutes.')
+    argv = sys.argv[1:] if argv is None else list(argv)
+    shown = next((x for x in argv if x in PRESETS), 'digits')   # --help shows this preset's values
+    p = _Parser(prog='coral_train', description='Train a class-conditional diffusion model with CORAL or a baseline. '
+                'With no arguments: CORAL on the offline long-tailed digits, on the CPU, in a few minutes. '
+                f"Values in [brackets] are those of the preset '{shown}'; name another preset before --help to see its own "
+                "(e.g. coral_train cifar10_lt_0.01_coral --help). Ctrl-C (or SIGTERM) saves a checkpoint and prints the command that resumes.")
     p.add_argument('preset', nargs='?', default='digits', help="a preset name (see --list); default 'digits'")
     p.add_argument('--config', help='JSON file of TrainConfig fields, applied over the preset')
     p.add_argument('--out', help='run folder (default runs/<preset>)')
@@ -69,7 +106,7 @@ def train_cli(argv=None):
     p.add_argument('--no-resume', dest='resume', action='store_false', help='refuse to continue an existing run in --out')
     p.add_argument('--overwrite', action='store_true', help='move an existing run in --out aside (to <out>.old-<time>) and start anew')
     p.add_argument('--list', action='store_true', help='list the presets and exit')
-    add_config_args(p)
+    add_config_args(p, PRESETS[shown], f"the preset '{shown}'")
     a = p.parse_args(argv)
     if a.list:
         for name in sorted(PRESETS): c = PRESETS[name]; print(f"{name:28s} {c.dataset:11s} {c.method:10s} rho={c.imb_ratio:<6} steps={c.steps}")
@@ -77,9 +114,12 @@ def train_cli(argv=None):
     try:
         cfg = make_config(a.preset, a.config, overrides_from(a))
         out = Path(a.out or Path('runs') / a.preset)
-        run = train(cfg, out, a.device, resume=a.resume, overwrite=a.overwrite)
+        run = train(cfg, out, a.device, resume=a.resume, overwrite=a.overwrite, progress=False)   # text progress: a terminal, not a plot
+    except TrainingInterrupted as e:
+        _fail('coral_train', f"interrupted by {e.signame} at step {e.step}: checkpoint saved to {e.checkpoint}; resume with: {_resume_command(argv)}", e.exit_code, kind=None)
     except NonFiniteLoss as e: _fail('coral_train', e, 1)
     except (ValueError, FileNotFoundError, RunFolderError) as e: _fail('coral_train', e)
+    except KeyboardInterrupt: _fail('coral_train', 'interrupted before training started; nothing was saved', 130, kind=None)
     grids = sorted((run / 'samples').glob('step_*.png'))
     print(f"\ndone: {run}\n  checkpoint  {run / 'checkpoint.pt'}\n  metrics     {run / 'metrics.jsonl'}\n  config      {run / 'config.json'}")
     if grids: print(f"  samples     {grids[-1]}")
@@ -89,35 +129,44 @@ def train_cli(argv=None):
 # %% ../nbs/09_cli.ipynb #94a700e3
 def sample_cli(argv=None):
     "Console script `coral_sample`: class-conditional samples from a trained run, as a PNG grid or an .npz."
-    p = argparse.ArgumentParser(prog='coral_sample', description='Draw class-conditional samples from a coral_train run.')
+    p = _Parser(prog='coral_sample', description='Draw class-conditional samples from a coral_train run.')
     p.add_argument('run', help='run folder (holding checkpoint.pt) or a checkpoint file')
-    p.add_argument('--out', help='output .png (grid) or .npz (images + labels); default <run>/samples/<sampler>.png')
-    p.add_argument('--n_per_class', type=int, default=8)
+    p.add_argument('--out', help='output .png (grid, one labelled row per class) or .npz (images + labels); default <run>/samples/<sampler>.png')
+    p.add_argument('--n_per_class', type=int, default=8, help='samples per class (>= 1)')
     p.add_argument('--classes', type=int, nargs='+', help='class labels to sample (default: all, head to tail)')
     p.add_argument('--guidance', type=float, help="classifier-free guidance omega (default: the run's)")
     p.add_argument('--sampler', choices=['ddpm', 'ddim'], default='ddpm', help="'ddpm': ancestral, all T steps (the reference's); 'ddim': --steps steps")
-    p.add_argument('--steps', type=int, default=100, help='DDIM steps')
-    p.add_argument('--eta', type=float, default=0.0, help='DDIM eta')
+    p.add_argument('--steps', type=int, default=100, help='DDIM steps, 1 to T')
+    p.add_argument('--eta', type=float, default=0.0, help='DDIM eta (0: deterministic)')
     p.add_argument('--var_type', choices=['fixedlarge', 'fixedsmall'], default='fixedlarge', help='DDPM posterior variance')
     p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--batch_size', type=int, default=500)
+    p.add_argument('--batch_size', type=int, default=500, help='samples drawn at once (>= 1)')
     p.add_argument('--no-ema', dest='ema', action='store_false', help='use the raw weights instead of the EMA')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     a = p.parse_args(argv)
-    try:
-        model, cfg, counts = model_from_checkpoint(a.run, a.ema, a.device)
+    try:   # every argument is checked before the model is built and sampling starts
+        for opt, v in (('--n_per_class', a.n_per_class), ('--batch_size', a.batch_size), ('--steps', a.steps)):
+            if v < 1: raise ValueError(f"{opt} {v}: expected an integer >= 1")
+        if a.eta < 0 or not np.isfinite(a.eta): raise ValueError(f"--eta {a.eta}: expected a number >= 0")
+        device = check_device(a.device)
+        run = Path(a.run)
+        out = Path(a.out) if a.out else (run if run.is_dir() else run.parent) / 'samples' / f'{a.sampler}.png'
+        if out.suffix not in ('.png', '.npz'): raise ValueError(f"--out must end in .png or .npz; got {out.name!r}")
+        if out.is_dir(): raise ValueError(f"--out {str(out)!r} is a folder; expected a .png or .npz file name")
+        check_run_folder(out.parent)
+        ck = load_checkpoint(run / 'checkpoint.pt' if run.is_dir() else run, device)
+        model, cfg, counts = model_from_loaded(ck, a.ema, device)
+        if a.sampler == 'ddim' and a.steps > cfg.T: raise ValueError(f"--steps {a.steps}: DDIM takes 1 to T={cfg.T} steps for this model")
         classes = a.classes if a.classes else classes_by_frequency(counts)
         bad = [c for c in classes if not 0 <= c < len(counts)]
         if bad: raise ValueError(f"classes {bad} are not in this model's 0..{len(counts) - 1}")
-        out = Path(a.out) if a.out else Path(a.run if Path(a.run).is_dir() else Path(a.run).parent) / 'samples' / f'{a.sampler}.png'
-        if out.suffix not in ('.png', '.npz'): raise ValueError(f"--out must end in .png or .npz; got {out.name!r}")
     except (ValueError, FileNotFoundError) as e: _fail('coral_sample', e)
     omega = cfg.guidance if a.guidance is None else a.guidance
-    diffusion = Diffusion(cfg.T, cfg.beta_1, cfg.beta_T).to(a.device)
+    diffusion = Diffusion(cfg.T, cfg.beta_1, cfg.beta_T).to(device)
     x = sample_grid(model, diffusion, classes, a.n_per_class, (cfg.channels, cfg.img_size, cfg.img_size), omega, a.sampler,
                     a.steps, a.eta, a.var_type, a.seed, progress=True, batch_size=a.batch_size).cpu()
     y = torch.tensor(classes).repeat_interleave(a.n_per_class)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix == '.png': save_grid(x, out, a.n_per_class)
+    if out.suffix == '.png': save_grid(x, out, a.n_per_class, class_labels(classes, ck.get('classes')))
     else: np.savez(out, images=((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy(), labels=y.numpy())
     print(f"{len(x)} samples ({a.sampler}, {a.steps if a.sampler == 'ddim' else cfg.T} steps, guidance {omega}) -> {out}")

@@ -20,75 +20,151 @@ from .unet import unet_cifar, unet_64, unet_tiny, unwrap_model
 from .coral import make_method, METHODS, Draws
 
 # %% auto #0
-__all__ = ['RESUMABLE_FIELDS', 'PAPER_SETTINGS', 'PRESETS', 'MODELS', 'TrainConfig', 'config_diff', 'config_from_dict', 'preset',
-           'ImageBank', 'EpochBatches', 'load_training_data', 'build_model', 'build_method', 'make_ema', 'ema_update',
-           'dist_info', 'init_distributed', 'gather_features', 'average_gradients', 'NonFiniteLoss', 'RunFolderError',
-           'seed_everything', 'Trainer', 'load_checkpoint', 'model_from_checkpoint', 'sample_grid', 'save_grid',
-           'train', 'distributed_step_check']
+__all__ = ['CHOICES', 'RANGES', 'RESUMABLE_FIELDS', 'PAPER_SETTINGS', 'PRESETS', 'MODELS', 'CHECKPOINT_FORMAT', 'TrainConfig',
+           'ConfigError', 'check_config', 'config_diff', 'config_from_dict', 'preset', 'ImageBank', 'EpochBatches',
+           'load_training_data', 'build_model', 'build_method', 'make_ema', 'ema_update', 'dist_info',
+           'init_distributed', 'gather_features', 'average_gradients', 'NonFiniteLoss', 'RunFolderError', 'RunInUse',
+           'CheckpointError', 'TrainingInterrupted', 'seed_everything', 'RunLock', 'Trainer', 'load_checkpoint',
+           'check_device', 'check_run_folder', 'model_from_loaded', 'model_from_checkpoint', 'sample_grid',
+           'grid_image', 'save_grid', 'class_labels', 'train', 'distributed_step_check']
 
 # %% ../nbs/05_train.ipynb #763d28dd
 @dataclass
 class TrainConfig:
     "Everything that defines a training run (saved as config.json and inside every checkpoint)."
+    def __post_init__(self): check_config(self)  # every value is checked when a configuration is made (below)
     # data
     dataset:str = 'digits' # 'digits' (offline), 'cifar10', 'cifar100', 'folder' (root/<class>/<img>), 'imagenet_lt' (list file)
     root:str|None = None # dataset root (cifar: torchvision folder; folder: the tree; imagenet_lt: the image root)
     list_file:str|None = None # imagenet_lt: the 'path label' list of the training split
     imb_ratio:float = 0.1 # rho = n_min / n_max (ignored by imagenet_lt, which is long-tailed already)
     img_size:int = 8 # image side (digits: 8, their native size, or 16; CIFAR: 32; CelebA-5 / ImageNet-LT: 64)
-    channels:int = 3
+    channels:int = 3 # image channels (3: RGB; 1: grey)
     flip:bool = False # random horizontal flips (natural images; not digits)
     download:bool = False # let torchvision download CIFAR (needs internet)
     # model
     model:str = 'tiny8' # U-Net preset: 'tiny8' (8x8), 'tiny' (16x16), 'cifar' (32x32) or '64'
     dropout:float|None = None # None: the preset's (0.1 for cifar/64)
     # method (see coral_nb.coral.METHODS)
-    method:str = 'coral'
+    method:str = 'coral' # training objective: 'ddpm', 'cbdm', 't2h', 'coral' or 'coral+cbdm'
     p_uncond:float = 0.1 # label drop probability for classifier-free guidance
     drop_mode:str = 'sample' # 'sample' or 'batch' (official code)
     w:float = 0.01 # CORAL: lambda(t) = w * exp((1 - t/T) / tau_r)
-    tau_r:float = 1.0
+    tau_r:float = 1.0 # CORAL: time scale tau_r of lambda(t)
     temperature:float = 0.1 # CORAL: SupCon temperature tau_SC
     weighting:str = 'sample' # CORAL: 'sample' (per-sample lambda) or 'batch' (official)
     head:str = 'linear' # CORAL projection head: 'linear' (official) or 'mlp'
-    proj_dim:int = 128
+    proj_dim:int = 128 # CORAL: output size of the projection head
     official_temperature_scale:bool = False # CORAL: the official code's extra multiplication by tau_SC
     cbdm_tau:float = 1.0 # CBDM regulariser weight tau
     # diffusion
-    T:int = 1000
-    beta_1:float = 1e-4
-    beta_T:float = 0.02
+    T:int = 1000 # number of diffusion steps
+    beta_1:float = 1e-4 # linear noise schedule: the first beta
+    beta_T:float = 0.02 # linear noise schedule: the last beta
     # optimisation
-    steps:int = 1500
+    steps:int = 1500 # training steps in all (raise it to extend a finished run)
     batch_size:int = 64 # global batch (split across GPUs under DDP)
-    lr:float = 1e-3
+    lr:float = 1e-3 # learning rate after warm-up
     warmup:int = 100 # linear warm-up steps
     optimizer:str = 'adam' # 'adam' or 'adamw'
-    weight_decay:float = 0.
-    grad_clip:float = 1.0
-    ema_decay:float = 0.999
+    weight_decay:float = 0. # weight decay (decoupled for 'adamw')
+    grad_clip:float = 1.0 # clip the gradient norm to this (0: no clipping)
+    ema_decay:float = 0.999 # decay of the EMA weights that draw samples
     ema_warmup:bool = True # decay min(ema_decay, (1+n)/(10+n)): useful for short runs
     bf16:bool = True # bf16 autocast on CUDA (ignored on CPU)
-    seed:int = 0
+    seed:int = 0 # seed of the data order, initial weights, noise and label drops
+    # speed switches: off in every preset; each says what it changes (measured in the Performance chapter)
+    compile:bool = False # torch.compile the U-Net (fused kernels: same maths, float rounding differs; the first steps compile)
+    channels_last:bool = False # NHWC memory layout for the U-Net (same maths, other conv kernels: float rounding differs)
+    fused_optimizer:bool = False # one fused Adam/AdamW kernel (same update up to float rounding; CUDA, and CPU with torch>=2.4)
+    tf32:bool = False # CUDA: TF32 tensor cores for float32 matmuls and convs (inputs rounded to a 10-bit mantissa; only matters where fp32 is kept)
+    sample_fast:bool = False # sample grids under bf16 autocast and inference mode (the U-Net's noise prediction in bf16)
     # sampling, logging, checkpoints
     guidance:float = 1.0 # omega for sample grids
     sampler:str = 'ddpm' # sample grids: 'ddpm' (ancestral, 'fixedlarge', all T steps: the reference's) or 'ddim'
     sample_steps:int = 100 # DDIM steps for sample grids (sampler='ddim')
     n_per_class:int = 8 # samples per class in a grid
-    sample_every:int = 750
-    log_every:int = 100
-    ckpt_every:int = 500
+    sample_every:int = 750 # steps between sample grids, and one at the end (0: no grids)
+    log_every:int = 100 # steps between metrics rows (the loss is read from the device only then)
+    ckpt_every:int = 500 # steps between checkpoints (one is also written at the end and on Ctrl-C)
+
+# %% ../nbs/05_train.ipynb #b4fabdfa
+import math
+
+class ConfigError(ValueError):
+    "A configuration value of the wrong type or out of range (the message names the field, the value and what is expected)."
+
+CHOICES = {  # the fields that take one of a few names
+    'dataset': ('digits', 'cifar10', 'cifar100', 'folder', 'imagenet_lt'),
+    'model': ('tiny8', 'tiny', 'cifar', '64'),
+    'method': tuple(METHODS),
+    'drop_mode': ('sample', 'batch'),
+    'weighting': ('sample', 'batch'),
+    'head': ('linear', 'mlp'),
+    'optimizer': ('adam', 'adamw'),
+    'sampler': ('ddpm', 'ddim'),
+}
+
+def _ge(n, what='an integer'): return (lambda v: v >= n), f"{what} >= {n}"
+def _gt0(what='a number'): return (lambda v: v > 0), f"{what} > 0"
+def _within(lo, hi, what): return (lambda v: lo <= v < hi), what
+
+RANGES = {  # field: (test, what is expected)
+    'imb_ratio': ((lambda v: 0 < v <= 1), 'a ratio in (0, 1]'),
+    'img_size': _ge(1), 'channels': _ge(1), 'proj_dim': _ge(1), 'T': _ge(1),
+    'dropout': _within(0, 1, 'a probability in [0, 1) or null (the model preset\'s)'),
+    'p_uncond': ((lambda v: 0 <= v <= 1), 'a probability in [0, 1]'),
+    'w': _ge(0, 'a number'), 'cbdm_tau': _ge(0, 'a number'), 'tau_r': _gt0(), 'temperature': _gt0(),
+    'beta_1': ((lambda v: 0 < v < 1), 'a number in (0, 1)'), 'beta_T': ((lambda v: 0 < v < 1), 'a number in (0, 1)'),
+    'steps': _ge(1), 'batch_size': _ge(1), 'lr': _gt0(), 'warmup': _ge(0), 'weight_decay': _ge(0, 'a number'),
+    'grad_clip': _ge(0, 'a number'), 'ema_decay': _within(0, 1, 'a decay in [0, 1)'), 'seed': _ge(0),
+    'sample_steps': _ge(1), 'n_per_class': _ge(1), 'sample_every': _ge(0), 'log_every': _ge(1), 'ckpt_every': _ge(1),
+}
+
+_TYPE_WORDS = {'int': 'an integer', 'float': 'a number', 'str': 'a string', 'bool': 'true or false', 'None': 'null'}
+
+def _kinds(f) -> list[str]:
+    "The type names of a field's annotation: 'float|None' -> ['float', 'None']."
+    t = f.type if isinstance(f.type, str) else getattr(f.type, '__name__', str(f.type))
+    return [k.strip() for k in t.split('|')]
+
+def _type_ok(v, kinds) -> bool:
+    if v is None: return 'None' in kinds
+    if isinstance(v, bool): return 'bool' in kinds
+    if isinstance(v, int): return 'int' in kinds or 'float' in kinds
+    if isinstance(v, float): return 'float' in kinds
+    return isinstance(v, str) and 'str' in kinds
+
+def check_config(cfg:TrainConfig) -> TrainConfig:
+    "Check every field's type, range or choice (integers given for numbers become floats); raise one `ConfigError` line for the first bad one."
+    for f in dataclasses.fields(cfg):
+        v, kinds = getattr(cfg, f.name), _kinds(f)
+        if all(k in _TYPE_WORDS for k in kinds):   # plain annotations (others are checked where they are used)
+            if not _type_ok(v, kinds):
+                raise ConfigError(f"{f.name}={v!r} is a {type(v).__name__}; expected {' or '.join(_TYPE_WORDS[k] for k in kinds)}")
+            if 'float' in kinds and isinstance(v, int) and not isinstance(v, bool): v = float(v); setattr(cfg, f.name, v)
+            if isinstance(v, float) and not math.isfinite(v): raise ConfigError(f"{f.name}={v!r}: expected a finite number")
+        if f.name in CHOICES and v not in CHOICES[f.name]:
+            raise ConfigError(f"{f.name}={v!r}: expected one of {', '.join(map(repr, CHOICES[f.name]))}")
+        if f.name in RANGES and v is not None and not RANGES[f.name][0](v):
+            raise ConfigError(f"{f.name}={v!r}: expected {RANGES[f.name][1]}")
+    if cfg.beta_1 > cfg.beta_T: raise ConfigError(f"beta_1={cfg.beta_1} > beta_T={cfg.beta_T}: expected beta_1 <= beta_T")
+    if cfg.sample_steps > cfg.T: raise ConfigError(f"sample_steps={cfg.sample_steps}: expected at most T={cfg.T} (DDIM takes a subset of the T steps)")
+    return cfg
 
 # %% ../nbs/05_train.ipynb #badc3467
-RESUMABLE_FIELDS = ('steps', 'sample_every', 'log_every', 'ckpt_every', 'n_per_class', 'sampler', 'sample_steps', 'guidance', 'download', 'root', 'list_file')
+RESUMABLE_FIELDS = ('steps', 'sample_every', 'log_every', 'ckpt_every', 'n_per_class', 'sampler', 'sample_steps', 'guidance', 'download', 'root', 'list_file',
+                    'compile', 'channels_last', 'fused_optimizer', 'tf32', 'sample_fast')
 
 def config_diff(a:TrainConfig|dict, b:TrainConfig|dict, ignore=RESUMABLE_FIELDS) -> dict:
     "Fields whose values differ between two configurations: {name: (a, b)}."
-    a, b = (asdict(c) if dataclasses.is_dataclass(c) else dict(c) for c in (a, b))
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}   # a field added later: an older config has its default
+    a, b = ({**defaults, **(asdict(c) if dataclasses.is_dataclass(c) else dict(c))} for c in (a, b))
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)}
 
 def config_from_dict(d:dict) -> TrainConfig:
-    "A TrainConfig from a dict (e.g. a JSON file), naming unknown keys."
+    "A TrainConfig from a dict (e.g. a JSON file), naming unknown keys; every value is checked."
+    if not isinstance(d, dict): raise ConfigError(f"a configuration is a mapping of TrainConfig fields to values (a JSON object); got a {type(d).__name__}")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(d) - known)
     if unknown: raise ValueError(f"unknown configuration keys {unknown}; valid keys: {sorted(known)}")
@@ -194,7 +270,7 @@ def load_training_data(cfg:TrainConfig):
         ds = ImageList(cfg.root, cfg.list_file, size=cfg.img_size, flip=False)
         ds.class_counts = np.bincount(ds.targets).tolist()
         return ds
-    raise ValueError(f"unknown dataset {cfg.dataset!r}; valid: 'digits', 'cifar10', 'cifar100', 'folder', 'imagenet_lt'")
+    raise ValueError(f"unknown dataset {cfg.dataset!r}; valid: {', '.join(CHOICES['dataset'])}")
 
 MODELS = {'tiny': unet_tiny, 'tiny8': partial(unet_tiny, ch_mult=(1, 2)), 'cifar': unet_cifar, '64': unet_64}
 
@@ -262,27 +338,109 @@ def average_gradients(params):
         if p.grad is not None: dist.all_reduce(p.grad); p.grad.div_(world)
 
 # %% ../nbs/05_train.ipynb #44cc093f
+import re, signal, socket, threading, pickle, zipfile
+try: import fcntl
+except ImportError: fcntl = None   # no flock (Windows): runs are not protected from each other there
+
 class NonFiniteLoss(RuntimeError): pass
 
 class RunFolderError(ValueError): pass
+
+class RunInUse(RunFolderError): pass
+
+class CheckpointError(ValueError): pass
+
+class TrainingInterrupted(Exception):
+    "Training stopped by a signal (SIGINT: Ctrl-C; SIGTERM: what schedulers send) after saving a checkpoint at `step`."
+    def __init__(self, msg:str, signame:str, step:int, checkpoint:Path):
+        super().__init__(msg)
+        self.signame, self.step, self.checkpoint = signame, step, checkpoint
+        self.exit_code = 128 + int(getattr(signal, signame))   # the shells' convention: 130 for SIGINT, 143 for SIGTERM
 
 def _atomic_save(obj, path:Path):
     tmp = path.with_name(path.name + '.tmp')
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
+def _atomic_write_text(path:Path, text:str):
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
 def _rng_state(generator) -> dict:
-    s = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(), generator=generator.get_state())
+    "Every generator's state as tensors, lists and numbers: what `torch.load(weights_only=True)` reads back."
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    s = dict(python=random.getstate(), numpy=[kind, key.tolist(), int(pos), int(has_gauss), float(gauss)],
+             torch=torch.get_rng_state(), generator=generator.get_state())
     if torch.cuda.is_available(): s['cuda'] = torch.cuda.get_rng_state_all()
     return s
 
 def _set_rng_state(s:dict, generator):
-    random.setstate(s['python']); np.random.set_state(s['numpy']); torch.set_rng_state(s['torch'])
-    generator.set_state(s['generator'])
+    version, internal, gauss = s['python']
+    random.setstate((version, tuple(internal), gauss))
+    kind, key, pos, has_gauss, gauss = s['numpy']     # a list (format 2) or NumPy's own tuple (format 1)
+    np.random.set_state((kind, np.asarray(key, dtype=np.uint32), int(pos), int(has_gauss), float(gauss)))
+    torch.set_rng_state(s['torch']); generator.set_state(s['generator'])
     if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
 
 def seed_everything(seed:int):
     random.seed(seed); np.random.seed(seed % 2**32); torch.manual_seed(seed)
+
+# %% ../nbs/05_train.ipynb #57d6eb98
+def _utcnow() -> str: return time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())
+
+class RunLock:
+    "An OS lock (`fcntl.flock`) on `<folder>/run.lock`, held while a run uses the folder; the file names the holder."
+    name = 'run.lock'
+    def __init__(self, folder): self.path, self.fd, self.previous = Path(folder) / self.name, None, None
+
+    def _refuse(self, fd):
+        holder = os.pread(fd, 500, 0).decode(errors='replace').strip() or 'a process that is just starting'
+        os.close(fd)
+        raise RunInUse(f"{self.path.parent} is in use by another run ({holder}); wait for it to end, stop it, or choose another out folder")
+
+    @classmethod
+    def check(cls, folder):
+        "Refuse at once if another process holds `folder`'s lock; creates nothing."
+        lock = cls(folder)
+        if fcntl is None or not lock.path.is_file(): return
+        fd = os.open(lock.path, os.O_RDONLY)
+        try: fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError: lock._refuse(fd)
+        os.close(fd)   # closing drops our shared lock
+
+    def acquire(self) -> 'RunLock':
+        "Create the folder if needed and take its lock, or refuse naming the holder; write our pid, host and start time."
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fcntl is None: return self
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError: self._refuse(fd)
+            try: same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError: same = False
+            if same: break
+            os.close(fd)   # the holder removed the file between our open and our lock: lock the new one
+        self.previous = os.pread(fd, 500, 0).decode(errors='replace').strip() or None   # a killed holder leaves its name
+        os.ftruncate(fd, 0); os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {_utcnow()}".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self):
+        "Remove the lock file, then unlock (the OS unlocks anyway when the process ends)."
+        if self.fd is None: return
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino: os.unlink(self.path)
+        except FileNotFoundError: pass
+        os.close(self.fd); self.fd = None
+
+    @property
+    def held(self) -> bool: return self.fd is not None
+    def __enter__(self): return self.acquire()
+    def __exit__(self, *exc): self.release()
+    def __del__(self):
+        try: self.release()
+        except Exception: pass
 
 # %% ../nbs/05_train.ipynb #bc5e1137
 def _in_notebook() -> bool:
@@ -294,16 +452,17 @@ def _in_notebook() -> bool:
 class Trainer:
     "Train `cfg.method` on `cfg.dataset`; `fit()` runs (or resumes) to `cfg.steps`."
     def __init__(self, cfg:TrainConfig, out:str|Path, device=None, resume:bool=True, overwrite:bool=False, data=None, quiet:bool=False):
-        self.cfg, self.out, self.quiet = cfg, Path(out), quiet
-        self.device = init_distributed(device)
+        self.cfg, self.out, self.quiet, self.lock = check_config(cfg), Path(out), quiet, None
+        self.device = init_distributed(check_device(device))   # every value is checked before any work
         self.rank, self.world, _ = dist_info()
         self.main = self.rank == 0
-        self._prepare_folder(resume, overwrite)
+        if self.main: self._check_folder(resume, overwrite)     # read-only: nothing is written until the run is valid
         ds = load_training_data(cfg) if data is None else data
         self.bank = ds.to(self.device) if isinstance(ds, ImageBank) else ImageBank.from_dataset(ds, self.device)
         counts = self.bank.class_counts
         seed_everything(cfg.seed)              # the same initial weights on every rank...
         self.model = build_model(cfg, len(counts)).to(self.device)
+        if cfg.channels_last: self.model = self.model.to(memory_format=torch.channels_last)  # before the EMA copy: it inherits the layout
         self.method = build_method(cfg, counts, unwrap_model(self.model).bottleneck_channels).to(self.device)
         self.ema = make_ema(self.model)
         seed_everything(cfg.seed + self.rank)  # ...but each rank its own dropout
@@ -313,57 +472,83 @@ class Trainer:
             for p in self.method.parameters(): dist.broadcast(p.data, 0)  # the head is outside DDP: start it equal too
             if hasattr(self.method, 'coral'): self.method.coral.gather = gather_features
         else: self.net = self.model
+        if cfg.compile: self.net = torch.compile(self.net)  # forward hooks (CORAL's bottleneck) are traced into the graph
+        if cfg.tf32 and self.device.type == 'cuda':  # process-wide PyTorch flags
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         params = [*self.model.parameters(), *self.method.parameters()]
         opt_cls = {'adam': torch.optim.Adam, 'adamw': torch.optim.AdamW}.get(cfg.optimizer)
         if opt_cls is None: raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid: 'adam', 'adamw'")
-        self.opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **({'fused': True} if cfg.fused_optimizer else {}))
         warm = cfg.warmup  # the reference's linear warm-up (lr 0 at step 0); warmup=0: the full lr from the start
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: min(s, warm) / warm if warm else 1.0)
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + self.rank)
         self.batches = EpochBatches(len(self.bank), cfg.batch_size, cfg.seed, self.rank, self.world, self.device)
         self.step, self.last_good = 0, None
-        if resume and (self.out / 'checkpoint.pt').exists(): self.load(self.out / 'checkpoint.pt')
-        elif self.main: (self.out / 'config.json').write_text(json.dumps(asdict(cfg), indent=1))
-
-    def _prepare_folder(self, resume, overwrite):
-        "Refuse to mix runs: a folder holding a different run is kept unless asked to overwrite (then it is moved aside)."
-        cfg_file = self.out / 'config.json'
-        if self.main and cfg_file.exists():
-            old = json.loads(cfg_file.read_text())
-            diff = config_diff(old, self.cfg)
-            if overwrite:
-                backup = self.out.with_name(f"{self.out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-                self.out.rename(backup)
-                self.log(f"moved the previous run in {self.out} to {backup}")
-            elif diff or not resume:
-                why = f"it was made with different settings: {diff}" if diff else "resume was not requested"
-                raise RunFolderError(f"{self.out} already holds a run and {why}; choose another out folder, resume it, or overwrite it")
-        if self.main: (self.out / 'samples').mkdir(parents=True, exist_ok=True)
-        if self.ddp_ready(): dist.barrier()
+        self._open_folder(resume, overwrite)   # lock the folder, resume, write config.json
 
     def ddp_ready(self): return self.world > 1 and dist.is_initialized()
     def log(self, msg):
         if self.main and not self.quiet: print(msg, flush=True)
 
 # %% ../nbs/05_train.ipynb #a3e2b9a2
+CHECKPOINT_FORMAT = 2   # 2: RNG states as lists and tensors, readable by torch.load(weights_only=True); 1: NumPy's state pickled
+
 def _save(self:Trainer, path=None):
     if not self.main: return
     path = Path(path or self.out / 'checkpoint.pt')
-    _atomic_save(dict(model=self.model.state_dict(), ema=self.ema.state_dict(), method=self.method.state_dict(),
+    classes = None if self.bank.classes is None else [str(c) for c in self.bank.classes]
+    _atomic_save(dict(format=CHECKPOINT_FORMAT, model=self.model.state_dict(), ema=self.ema.state_dict(), method=self.method.state_dict(),
                       optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), step=self.step,
-                      rng=_rng_state(self.generator), config=asdict(self.cfg), class_counts=self.bank.class_counts,
-                      classes=self.bank.classes), path)
+                      rng=_rng_state(self.generator), config=asdict(self.cfg), class_counts=[int(c) for c in self.bank.class_counts],
+                      classes=classes), path)
     self.last_good = self.step
 
+_NUMPY_ARRAY = ('numpy._core.multiarray._reconstruct', 'numpy.core.multiarray._reconstruct', 'numpy.ndarray', 'numpy.dtype')
+
+def _unsafe_globals(path:Path, err:Exception) -> list[str]:
+    "The Python objects (classes, functions) a refused file asks the unpickler for."
+    try:
+        if zipfile.is_zipfile(path): return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception: pass
+    return sorted(set(re.findall(r'GLOBAL ([\w.]+)', str(err))))
+
+def _torch_load_format1(path, map_location):
+    "Format 1 (before weights_only): NumPy's RNG state is an array; allow exactly NumPy's array rebuilding, nothing else."
+    allow = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    core = getattr(np, '_core', None) or np.core
+    allow.append(core.multiarray._reconstruct)
+    with torch.serialization.safe_globals(allow): return torch.load(path, map_location=map_location, weights_only=True)
+
 def load_checkpoint(path, map_location='cpu') -> dict:
-    "Read a coral_nb checkpoint, with a clear error for missing or foreign files."
+    "Read a coral_nb checkpoint with `torch.load(weights_only=True)` (tensors and plain data, never code); one clear line for anything else."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try: ck = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e: raise ValueError(f"cannot read checkpoint {str(path)!r}: {e}") from None
-    if not isinstance(ck, dict) or 'config' not in ck or 'model' not in ck:
-        raise ValueError(f"{str(path)!r} is not a coral_nb training checkpoint (no 'config' and 'model' entries)")
+    with open(path, 'rb') as f: head = f.read(20)
+    if not (zipfile.is_zipfile(path) or head[:1] == b'\x80'):   # torch.save writes a zip archive (or, before torch 1.6, a binary pickle)
+        raise CheckpointError(f"{str(path)!r} is not a checkpoint: not a file written by torch.save (it begins {head!r})")
+    try:
+        with warnings.catch_warnings():   # torch warns about pickle protocols of files it then refuses
+            warnings.simplefilter('ignore', UserWarning)
+            ck = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        names = _unsafe_globals(path, e)
+        if not names or not all(n in _NUMPY_ARRAY for n in names):
+            what = f"it asks to load Python code ({', '.join(names)})" if names else "it holds more than tensors and plain data"
+            raise CheckpointError(f"refused {str(path)!r}: {what}; nothing in it was run. A coral_nb checkpoint holds only tensors and plain data") from None
+        try: ck = _torch_load_format1(path, map_location)
+        except Exception as e2: raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {str(e2).splitlines()[0]}") from None
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'damaged file'})") from None
+    if not isinstance(ck, dict) or not {'config', 'model', 'ema', 'class_counts'} <= set(ck):
+        raise CheckpointError(f"{str(path)!r} is not a coral_nb training checkpoint (no 'config', 'model', 'ema' and 'class_counts' entries)")
     return ck
+
+def _truncate_metrics(path:Path, step:int):
+    "Drop metrics rows logged after `step` (a run that went on past its last checkpoint before it stopped)."
+    if not path.exists(): return
+    rows = path.read_text().splitlines(keepends=True)
+    keep = [r for r in rows if r.strip() and json.loads(r).get('step', 0) <= step]
+    if len(keep) != len(rows): _atomic_write_text(path, ''.join(keep))
 
 def _load(self:Trainer, path):
     ck = load_checkpoint(path, self.device)
@@ -373,21 +558,98 @@ def _load(self:Trainer, path):
     self.opt.load_state_dict(ck['optimizer']); self.sched.load_state_dict(ck['scheduler'])
     self.step = self.last_good = ck['step']
     _set_rng_state(ck['rng'], self.generator)
+    if self.main: _truncate_metrics(self.out / 'metrics.jsonl', self.step)
     self.log(f"resumed from {path} at step {self.step}")
 
 Trainer.save, Trainer.load = _save, _load
 
+# %% ../nbs/05_train.ipynb #b79889bf
+def check_device(device=None) -> torch.device|None:
+    "`device` as a torch.device, checked to exist here (None stays None: CUDA when present, else the CPU)."
+    if device is None: return None
+    try: d = torch.device(device)
+    except (RuntimeError, TypeError): raise ValueError(f"device {device!r} is not a device name; expected 'cpu', 'cuda', 'cuda:N' or 'mps'") from None
+    if d.type == 'cuda':
+        if not torch.cuda.is_available():
+            why = 'this PyTorch build has no CUDA support' if torch.version.cuda is None else 'no CUDA GPU or driver was found'
+            raise ValueError(f"device {device!r} was asked for, but {why}; use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif d.type == 'mps' and not (getattr(torch.backends, 'mps', None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} was asked for, but Apple's MPS is not available here; use --device cpu")
+    return d
+
+def check_run_folder(out) -> Path:
+    "Check that `out` can be a run folder (a folder, or one that can be created, and writable) without creating anything."
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir(): raise RunFolderError(f"out {str(out)!r} is a file, not a folder; choose a folder (it is created if needed)")
+    p = out.absolute()
+    while not p.exists(): p = p.parent
+    if not p.is_dir(): raise RunFolderError(f"out {str(out)!r} cannot be created: {str(p)!r} is a file")
+    if not os.access(p, os.W_OK | os.X_OK): raise RunFolderError(f"out {str(out)!r} cannot be written: {str(p)!r} is read-only for this user; choose a writable folder")
+    return out
+
+def _check_contents(self:Trainer, resume:bool, overwrite:bool):
+    ck, cfg_file = self.out / 'checkpoint.pt', self.out / 'config.json'
+    if overwrite or not ck.is_file(): return   # nothing to protect (no checkpoint: nothing to resume)
+    if not resume: raise RunFolderError(f"{self.out} already holds a run and resume was not requested; choose another out folder, resume it, or overwrite it")
+    try: diff = config_diff(json.loads(cfg_file.read_text()), self.cfg)
+    except (OSError, ValueError): return   # no readable config.json: the checkpoint's own configuration decides (in load)
+    if diff: raise RunFolderError(f"{self.out} already holds a run and it was made with different settings: {diff}; "
+                                  "choose another out folder, resume it, or overwrite it")
+
+def _check_folder(self:Trainer, resume:bool, overwrite:bool):
+    "Before any work, reading only: refuse an unusable `out`, a folder another run holds, or one holding a different run."
+    check_run_folder(self.out)
+    RunLock.check(self.out)
+    self._check_contents(resume, overwrite)
+
+def _open_folder(self:Trainer, resume:bool, overwrite:bool):
+    "Lock the folder, check it again under the lock, move an old run aside if asked, resume from its checkpoint, write config.json."
+    ck = self.out / 'checkpoint.pt'
+    try:
+        if self.main:
+            try: self.lock = RunLock(self.out).acquire()
+            except RunInUse: raise
+            except OSError as e: raise RunFolderError(f"cannot create the run folder {str(self.out)!r}: {e.strerror}") from None
+            if self.lock.previous: self.log(f"{self.out}: the run that held it ({self.lock.previous}) ended without letting go; taking it over")
+            if overwrite and (ck.exists() or (self.out / 'config.json').exists()):
+                backup = self.out.with_name(f"{self.out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+                self.out.rename(backup)   # our lock moves with the folder: no other run can step in
+                old, self.lock = self.lock, RunLock(self.out).acquire()
+                old.path = backup / RunLock.name; old.release()
+                self.log(f"moved the previous run in {self.out} to {backup}")
+            self._check_contents(resume, overwrite)
+            if not ck.exists(): (self.out / 'metrics.jsonl').unlink(missing_ok=True)   # rows of a start that saved nothing
+        if self.ddp_ready(): dist.barrier()
+        if resume and ck.exists(): self.load(ck)
+        if self.main:
+            (self.out / 'samples').mkdir(exist_ok=True)
+            _atomic_write_text(self.out / 'config.json', json.dumps(asdict(self.cfg), indent=1))   # the current target steps
+    except BaseException:
+        self.close(); raise
+
+def _close(self:Trainer):
+    "Let go of the run folder (`fit` does this when it ends, however it ends)."
+    if self.lock is not None: self.lock.release()
+
+Trainer._check_contents, Trainer._check_folder, Trainer._open_folder, Trainer.close = _check_contents, _check_folder, _open_folder, _close
+
 # %% ../nbs/05_train.ipynb #22c2d726
-def model_from_checkpoint(path, ema:bool=True, device='cpu'):
-    "(model, config, class_counts) from a run folder or checkpoint file; the EMA weights by default."
-    path = Path(path)
-    ck = load_checkpoint(path / 'checkpoint.pt' if path.is_dir() else path, device)
+def model_from_loaded(ck:dict, ema:bool=True, device='cpu'):
+    "(model, config, class_counts) from a checkpoint dict read by `load_checkpoint`."
     cfg = config_from_dict(ck['config'])
     model = build_model(cfg, len(ck['class_counts'])).to(device)
     if ema: state = {k.removeprefix('module.'): v for k, v in ck['ema'].items() if k != 'n_averaged'}
     else: state = ck['model']
     model.load_state_dict(state)
     return model.eval(), cfg, ck['class_counts']
+
+def model_from_checkpoint(path, ema:bool=True, device='cpu'):
+    "(model, config, class_counts) from a run folder or checkpoint file; the EMA weights by default."
+    path = Path(path)
+    ck = load_checkpoint(path / 'checkpoint.pt' if path.is_dir() else path, check_device(device) or 'cpu')
+    return model_from_loaded(ck, ema, device)
 
 # %% ../nbs/05_train.ipynb #ca26463e
 def _train_step(self:Trainer, draws:Draws|None=None, batch=None) -> dict:
@@ -412,7 +674,7 @@ Trainer.train_step = _train_step
 @torch.no_grad()
 def sample_grid(model, diffusion:Diffusion, classes, n_per_class:int=8, img_shape=(3, 32, 32), guidance:float=1.0,
                 sampler:str='ddpm', steps:int=100, eta:float=0., var_type:str='fixedlarge', seed:int=0,
-                progress:bool=False, batch_size:int=500) -> torch.Tensor:
+                progress:bool=False, batch_size:int=500, bf16:bool=False, inference:bool=False) -> torch.Tensor:
     "`n_per_class` samples of each class in `classes`, in that order: [len(classes) * n_per_class, C, H, W] in [-1, 1]."
     if sampler not in ('ddpm', 'ddim'): raise ValueError(f"unknown sampler {sampler!r}; valid: 'ddpm', 'ddim'")
     device = next(model.parameters()).device
@@ -421,71 +683,151 @@ def sample_grid(model, diffusion:Diffusion, classes, n_per_class:int=8, img_shap
     def draw(yb):
         if sampler == 'ddim': return ddim_sample(model, diffusion, yb, img_shape, steps=steps, eta=eta, guidance=guidance, generator=g, progress=progress)
         return ddpm_sample(model, diffusion, yb, img_shape, guidance=guidance, var_type=var_type, generator=g, progress=progress)
-    return torch.cat([draw(yb) for yb in y.split(batch_size)])
+    # bf16: the U-Net runs under bf16 autocast (eps rounded to bf16; the sampler's arithmetic stays float32)
+    # inference: torch.inference_mode (no autograd bookkeeping; the result cannot enter autograd or be changed in place)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), (torch.inference_mode() if inference else torch.no_grad()):
+        return torch.cat([draw(yb).float() for yb in y.split(batch_size)])
 
-def save_grid(samples:torch.Tensor, path, n_per_class:int):
-    "Save samples in [-1, 1] as a PNG grid with `n_per_class` images per row."
-    from torchvision.utils import save_image
-    save_image((samples + 1) / 2, path, nrow=n_per_class, padding=1)
+def grid_image(samples:torch.Tensor, n_per_class:int, labels=None, row_px:int=24):
+    "Samples in [-1, 1] as a PIL image, `n_per_class` per row; with `labels` (one per row), enlarged to `row_px` and labelled at the left."
+    from torchvision.utils import make_grid
+    from PIL import Image, ImageDraw, ImageFont
+    grid = make_grid(((samples.detach().float().cpu() + 1) / 2).clamp(0, 1), nrow=n_per_class, padding=1)
+    img = Image.fromarray(grid.mul(255).add(0.5).clamp(0, 255).byte().permute(1, 2, 0).numpy())
+    if labels is None: return img
+    rows, cell = -(-len(samples) // n_per_class), samples.shape[-2] + 1
+    if len(labels) != rows: raise ValueError(f"{len(labels)} labels for {rows} rows of samples")
+    k = max(1, -(-row_px // cell))   # small images are enlarged (nearest neighbour) so that a line of text fits a row
+    img = img.resize((img.width * k, img.height * k), Image.NEAREST)
+    font, labels = ImageFont.load_default(), [str(l) for l in labels]
+    boxes = [ImageDraw.Draw(img).textbbox((0, 0), l, font=font) for l in labels]
+    margin = max(b[2] for b in boxes) + 8
+    out = Image.new('RGB', (img.width + margin, img.height), 'white'); out.paste(img, (margin, 0))
+    draw = ImageDraw.Draw(out)
+    for r, (l, b) in enumerate(zip(labels, boxes)):
+        draw.text((margin - 4 - b[2], (r * cell + 1 + cell / 2) * k - (b[1] + b[3]) / 2), l, fill='black', font=font)
+    return out
+
+def save_grid(samples:torch.Tensor, path, n_per_class:int, labels=None):
+    "Save samples in [-1, 1] as a PNG grid with `n_per_class` images per row; `labels` (one per row, e.g. class names) at the left."
+    grid_image(samples, n_per_class, labels).save(path)
+
+def class_labels(classes, names=None) -> list[str]:
+    "Row labels for a grid of `classes`: the class names when known, else the class numbers."
+    return [names[c] if names else str(c) for c in classes]
 
 def _write_samples(self:Trainer):
     if not self.main: return None
     cfg = self.cfg
-    x = sample_grid(self.ema.module, self.method.diffusion, classes_by_frequency(self.bank.class_counts), cfg.n_per_class,
-                    tuple(self.bank.images.shape[1:]), cfg.guidance, cfg.sampler, cfg.sample_steps, seed=cfg.seed)
+    classes = classes_by_frequency(self.bank.class_counts)
+    self.log(f"step {self.step}: drawing a sample grid ({len(classes)} classes x {cfg.n_per_class}, {cfg.sampler}, "
+             f"{cfg.sample_steps if cfg.sampler == 'ddim' else cfg.T} steps)...")
+    x = sample_grid(self.ema.module, self.method.diffusion, classes, cfg.n_per_class,
+                    tuple(self.bank.images.shape[1:]), cfg.guidance, cfg.sampler, cfg.sample_steps, seed=cfg.seed, progress=not self.quiet,
+                    bf16=cfg.sample_fast, inference=cfg.sample_fast)
     path = self.out / 'samples' / f'step_{self.step:07d}.png'
-    save_grid(x, path, cfg.n_per_class)
+    save_grid(x, path, cfg.n_per_class, class_labels(classes, self.bank.classes))
     return path
 
 Trainer.write_samples = _write_samples
 
 # %% ../nbs/05_train.ipynb #5060e00e
+class _StopNow(BaseException): pass
+
+class _Signals:
+    "While training, SIGINT (Ctrl-C) and SIGTERM let the current step finish, then the loop saves and stops; a second one stops at once."
+    def __init__(self, enabled:bool): self.enabled, self.caught, self.drawing, self.old = enabled, None, False, {}
+    def __enter__(self):
+        if self.enabled:
+            for s in (signal.SIGINT, signal.SIGTERM): self.old[s] = signal.signal(s, self.handler)
+        return self
+    def __exit__(self, *exc):
+        for s, h in self.old.items(): signal.signal(s, h)
+        self.old = {}
+    def handler(self, signum, frame):
+        again = self.caught is not None
+        self.caught = self.caught or signal.Signals(signum).name
+        if again or self.drawing: raise _StopNow()   # a sample grid changes no training state: abandon it at once
+
+def _interrupted(self:Trainer, signame:str, saved:bool=True) -> TrainingInterrupted:
+    ck = self.out / 'checkpoint.pt'
+    if saved: msg = (f"interrupted by {signame} at step {self.step}: checkpoint saved to {ck}; "
+                     f"start the same run again (same settings and out folder) to resume from step {self.step}")
+    else: msg = f"interrupted twice by {signame}: stopped at once without saving; the last checkpoint in {self.out} is from step {self.last_good}"
+    return TrainingInterrupted(msg, signame, self.step if saved else self.last_good, ck)
+
 def _fit(self:Trainer, stop_at:int|None=None, progress:bool|None=None) -> Path:
-    "Train to `cfg.steps` (or stop early at `stop_at`, as if interrupted); return the run folder."
+    "Train to `cfg.steps` (or stop early at `stop_at`, as if interrupted); return the run folder. Lets go of the folder when it ends."
     cfg = self.cfg
     end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
-    if self.step >= end:
-        self.log(f"{self.out}: already at step {self.step} of {cfg.steps}, nothing to do"); return self.out
-    notebook = _in_notebook() if progress is None else progress
-    from fastprogress.fastprogress import master_bar, progress_bar
-    mb = master_bar(range(1)) if notebook and self.main and not self.quiet else None
-    steps = range(self.step, end)
-    it = progress_bar(steps, parent=mb) if mb is not None else steps
-    if mb is not None: mb.names = ['loss', 'diffusion']
-    sums, n, bad, t0, hist = {}, 0, None, time.time(), []
-    self.log(f"training {cfg.method} on {cfg.dataset} ({len(self.bank)} images, {len(self.bank.class_counts)} classes) "
-             f"on {self.device} x{self.world}: steps {self.step} -> {end}, run folder {self.out}")
-    for _ in it:
-        parts = self.train_step()
-        for k, v in parts.items(): sums[k] = sums.get(k, 0) + v.float()
-        bad = ~torch.isfinite(parts['loss']) if bad is None else bad | ~torch.isfinite(parts['loss'])
-        n += 1
-        at_log, at_ckpt = self.step % cfg.log_every == 0 or self.step == end, self.step % cfg.ckpt_every == 0 or self.step == end
-        if at_log or at_ckpt:
+    if self.main and self.lock is not None and not self.lock.held: self.lock = RunLock(self.out).acquire()
+    try:
+        if self.step >= end:
+            self.log(f"{self.out}: already at step {self.step} of {cfg.steps}, nothing to do"); return self.out
+        notebook = _in_notebook() if progress is None else progress
+        from fastprogress.fastprogress import master_bar, progress_bar
+        mb = master_bar(range(1)) if notebook and self.main and not self.quiet else None
+        steps = range(self.step, end)
+        it = progress_bar(steps, parent=mb) if mb is not None else steps
+        if mb is not None: mb.names = ['loss (total)', 'diffusion MSE']
+        sums, n, bad, t0, hist = {}, 0, None, time.time(), []
+        self.log(f"training {cfg.method} on {cfg.dataset} ({len(self.bank)} images, {len(self.bank.class_counts)} classes) "
+                 f"on {self.device} x{self.world}: steps {self.step} -> {end}, run folder {self.out}")
+        def check_finite():
+            nonlocal bad
             if self.ddp:  # stop every rank, not just the one that saw it
                 bad = bad.int(); dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            if bool(bad):   # the only host sync: once per log/checkpoint interval
+            if bad is not None and bool(bad):   # the only host sync: once per log/checkpoint interval
                 where = f"last good checkpoint: step {self.last_good}" if self.last_good is not None else "no checkpoint was written"
                 raise NonFiniteLoss(f"the loss became NaN or inf between steps {self.step - n + 1} and {self.step}; "
                                     f"stopping ({where}, kept in {self.out}). Lower lr or check the data.")
-            rec = {'step': self.step, **{k: round(v.item() / n, 6) for k, v in sums.items()}, 'lr': self.sched.get_last_lr()[0],
-                   'imgs_per_s': round(n * cfg.batch_size / (time.time() - t0), 1)}
-            if self.main:
-                with open(self.out / 'metrics.jsonl', 'a') as f: f.write(json.dumps(rec) + '\n')
-                hist.append(rec)
-                if mb is not None:
-                    mb.update_graph([[[h['step'] for h in hist], [h['loss'] for h in hist]], [[h['step'] for h in hist], [h['diffusion'] for h in hist]]])
-                    if hasattr(it, 'comment'): it.comment = f"loss {rec['loss']:.4f}"
-                else: self.log(' '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
-            sums, n, bad, t0 = {}, 0, None, time.time()
-        if at_ckpt: self.save()
-        if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.steps):
-            p = self.write_samples()
-            if p: self.log(f"samples: {p}")
-    if self.ddp_ready(): dist.barrier()
-    return self.out
+        # signals are caught in the main thread of a single process (under torchrun, the last periodic checkpoint is the resume point)
+        signals = _Signals(enabled=not self.ddp and threading.current_thread() is threading.main_thread())
+        try:
+            with signals:
+                for _ in it:
+                    parts = self.train_step()
+                    for k, v in parts.items(): sums[k] = sums.get(k, 0) + v.float()
+                    bad = ~torch.isfinite(parts['loss']) if bad is None else bad | ~torch.isfinite(parts['loss'])
+                    n += 1
+                    at_log, at_ckpt = self.step % cfg.log_every == 0 or self.step == end, self.step % cfg.ckpt_every == 0 or self.step == end
+                    if at_log or at_ckpt:
+                        check_finite()
+                        rec = {'step': self.step, **{k: round(v.item() / n, 6) for k, v in sums.items()}, 'lr': self.sched.get_last_lr()[0],
+                               'imgs_per_s': round(n * cfg.batch_size / (time.time() - t0), 1)}
+                        if self.main:
+                            with open(self.out / 'metrics.jsonl', 'a') as f: f.write(json.dumps(rec) + '\n')
+                            hist.append(rec)
+                            if mb is not None:
+                                mb.update_graph([[[h['step'] for h in hist], [h['loss'] for h in hist]], [[h['step'] for h in hist], [h['diffusion'] for h in hist]]])
+                                mb.graph_ax.set_xlabel('training step'); mb.graph_ax.set_ylabel(f'mean over {cfg.log_every} steps')
+                                mb.graph_out.update(mb.graph_fig)
+                                if hasattr(it, 'comment'): it.comment = f"loss {rec['loss']:.4f}"
+                            else: self.log(' '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+                        sums, n, bad, t0 = {}, 0, None, time.time()
+                    if at_ckpt: self.save()
+                    if signals.caught: break
+                    if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.steps):
+                        signals.drawing = True
+                        p = self.write_samples()
+                        signals.drawing = False
+                        if p: self.log(f"samples: {p}")
+                    if signals.caught: break
+        except _StopNow:
+            if not signals.drawing: raise self._interrupted(signals.caught, saved=False) from None
+        finally:
+            if mb is not None and hasattr(mb, 'graph_fig'):
+                import matplotlib.pyplot as plt
+                plt.close(mb.graph_fig)   # shown once, live; not again when the cell ends
+        if signals.caught:
+            check_finite()   # never overwrite the last good checkpoint with a broken one
+            if self.last_good != self.step: self.save()
+            raise self._interrupted(signals.caught) from None
+        if self.ddp_ready(): dist.barrier()
+        return self.out
+    finally: self.close()
 
-Trainer.fit = _fit
+Trainer.fit, Trainer._interrupted = _fit, _interrupted
 
 def train(cfg:TrainConfig, out:str|Path, device=None, resume:bool=True, overwrite:bool=False, **kw) -> Path:
     "Build a `Trainer` for `cfg` in folder `out` and run it to the end (resuming if a checkpoint is there)."
