@@ -487,7 +487,8 @@ def generate(run, # run folder / checkpoint path, or a dict from `load_run`
     it = todo
     if progress and todo:
         from fastprogress.fastprogress import progress_bar
-        it = progress_bar(todo, comment=f'{len(todo)} of {n_shards} shards to draw')
+        it = progress_bar(todo)   # the console bar takes no comment argument: set it afterwards
+        it.comment = f'{len(todo)} of {n_shards} shards to draw'
     shape = tuple(settings['img_shape'])
     for s in it:
         ys = torch.tensor(labels[s * shard_size:(s + 1) * shard_size], device=device)
@@ -757,6 +758,7 @@ def eval_cli(argv=None):
                            a.prd_runs, a.quiet)
     except (EvalError, ValueError, FileNotFoundError) as e:
         print(f"coral_eval: error: {e}", file=sys.stderr); sys.exit(2)
+    if not a.quiet: print()   # end the console progress bar's line
     p_, m = res['provenance'], res['metrics']
     eval_dir = Path(p_['run']) / 'eval' if Path(p_['run']).is_dir() else Path(p_['run']).parent / 'eval'
     print(f"{p_['method']} on {p_['dataset']}, step {p_['step']} ({p_['weights']}), {p_['n_samples']} samples, {p_['sampler']} {p_['sampler_steps']} steps, "
