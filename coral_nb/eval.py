@@ -635,8 +635,9 @@ def evaluate_run(run, n_per_class:int|None=50, n_total:int|None=None, tag:str|No
     device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
     r = load_run(run, ema, device)
     cfg = r['cfg']
-    ext = resolve_extractor(extractor, cfg.dataset, cfg.img_size, cfg.channels, data_root, cache, device, quiet)
-    ref = reference_stats(ext, cfg.dataset, cfg.img_size, cfg.channels, data_root, cache=cache)
+    ref_root = data_root or cfg.root   # the run's own root holds the full (balanced) set its long-tailed subset came from
+    ext = resolve_extractor(extractor, cfg.dataset, cfg.img_size, cfg.channels, ref_root, cache, device, quiet)
+    ref = reference_stats(ext, cfg.dataset, cfg.img_size, cfg.channels, ref_root, cache=cache)
     omega = cfg.guidance if guidance is None else float(guidance)
     steps_eff = cfg.T if sampler == 'ddpm' else steps
     kind = 'inception' if ext.info['kind'] == 'inception' else 'offline'
@@ -735,7 +736,7 @@ def eval_cli(argv=None):
     p.add_argument('--many', type=int, help='classes with more training images are many-shot (default 50 digits, 100 otherwise)')
     p.add_argument('--few', type=int, help='classes with fewer training images are few-shot (default 20)')
     p.add_argument('--cache', help='cache folder for extractors and reference statistics (default $CORAL_CACHE or ~/.cache/coral_nb)')
-    p.add_argument('--data_root', help='balanced reference data (image folder root/<class>/<img>, or torchvision CIFAR folder); default $CORAL_DATA/<dataset>/train')
+    p.add_argument('--data_root', help="balanced reference data (image folder root/<class>/<img>, or torchvision's CIFAR folder); default: the run's root, else $CORAL_DATA/<dataset>/train")
     p.add_argument('--device', help="'cpu', 'cuda'... (default: CUDA when present)")
     p.add_argument('--shard_size', type=int, default=1000)
     p.add_argument('--batch_size', type=int, default=500)
