@@ -162,9 +162,10 @@ def sample_cli(argv=None):
         if bad: raise ValueError(f"classes {bad} are not in this model's 0..{len(counts) - 1}")
     except (ValueError, FileNotFoundError) as e: _fail('coral_sample', e)
     omega = cfg.guidance if a.guidance is None else a.guidance
+    print(f"drawing {len(classes) * a.n_per_class} samples ({a.sampler}, {a.steps if a.sampler == 'ddim' else cfg.T} steps)...", flush=True)
     diffusion = Diffusion(cfg.T, cfg.beta_1, cfg.beta_T).to(device)
     x = sample_grid(model, diffusion, classes, a.n_per_class, (cfg.channels, cfg.img_size, cfg.img_size), omega, a.sampler,
-                    a.steps, a.eta, a.var_type, a.seed, progress=True, batch_size=a.batch_size).cpu()
+                    a.steps, a.eta, a.var_type, a.seed, progress=sys.stdout.isatty(), batch_size=a.batch_size).cpu()
     y = torch.tensor(classes).repeat_interleave(a.n_per_class)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == '.png': save_grid(x, out, a.n_per_class, class_labels(classes, ck.get('classes')))

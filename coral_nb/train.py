@@ -74,7 +74,7 @@ class TrainConfig:
     bf16:bool = True # bf16 autocast on CUDA (ignored on CPU)
     seed:int = 0 # seed of the data order, initial weights, noise and label drops
     # speed switches: off in every preset; each says what it changes (measured in the Performance chapter)
-    compile:bool = False # torch.compile the U-Net (fused kernels: same maths, float rounding differs; the first steps compile)
+    compile:bool = False # torch.compile the U-Net (fused kernels: same maths, float rounding differs; the first steps compile). CORAL's bottleneck hook fires in the compiled graph as long as the net is always called with it, as the loss does
     channels_last:bool = False # NHWC memory layout for the U-Net (same maths, other conv kernels: float rounding differs)
     fused_optimizer:bool = False # one fused Adam/AdamW kernel (same update up to float rounding; CUDA, and CPU with torch>=2.4)
     tf32:bool = False # CUDA: TF32 tensor cores for float32 matmuls and convs (inputs rounded to a 10-bit mantissa; only matters where fp32 is kept)
@@ -716,6 +716,11 @@ def class_labels(classes, names=None) -> list[str]:
     "Row labels for a grid of `classes`: the class names when known, else the class numbers."
     return [names[c] if names else str(c) for c in classes]
 
+def _show_progress(self:Trainer) -> bool:
+    "Progress bars in a notebook or a terminal (not in a log file: the 'drawing a sample grid' line says it there)."
+    import sys
+    return self.main and not self.quiet and (_in_notebook() or sys.stdout.isatty())
+
 def _write_samples(self:Trainer):
     if not self.main: return None
     cfg = self.cfg
@@ -723,13 +728,13 @@ def _write_samples(self:Trainer):
     self.log(f"step {self.step}: drawing a sample grid ({len(classes)} classes x {cfg.n_per_class}, {cfg.sampler}, "
              f"{cfg.sample_steps if cfg.sampler == 'ddim' else cfg.T} steps)...")
     x = sample_grid(self.ema.module, self.method.diffusion, classes, cfg.n_per_class,
-                    tuple(self.bank.images.shape[1:]), cfg.guidance, cfg.sampler, cfg.sample_steps, seed=cfg.seed, progress=not self.quiet,
+                    tuple(self.bank.images.shape[1:]), cfg.guidance, cfg.sampler, cfg.sample_steps, seed=cfg.seed, progress=self._show_progress(),
                     bf16=cfg.sample_fast, inference=cfg.sample_fast)
     path = self.out / 'samples' / f'step_{self.step:07d}.png'
     save_grid(x, path, cfg.n_per_class, class_labels(classes, self.bank.classes))
     return path
 
-Trainer.write_samples = _write_samples
+Trainer.write_samples, Trainer._show_progress = _write_samples, _show_progress
 
 # %% ../nbs/05_train.ipynb #5060e00e
 class _StopNow(BaseException): pass
