@@ -404,7 +404,8 @@ class RunLock:
         "Refuse at once if another process holds `folder`'s lock; creates nothing."
         lock = cls(folder)
         if fcntl is None or not lock.path.is_file(): return
-        fd = os.open(lock.path, os.O_RDONLY)
+        try: fd = os.open(lock.path, os.O_RDONLY)
+        except OSError: return   # unreadable: taking the lock (under `acquire`) will say why
         try: fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError: lock._refuse(fd)
         os.close(fd)   # closing drops our shared lock
