@@ -430,6 +430,12 @@ def pairwise_diversity(feats) -> float:
     return d.mean().item()
 
 # %% ../nbs/06_eval.ipynb #a023a7a6
+def _interactive() -> bool:
+    "A notebook or a terminal, where a progress bar helps."
+    ip = sys.modules.get('IPython')
+    shell = ip.get_ipython() if ip is not None else None
+    return (shell is not None and 'IPKernelApp' in getattr(shell, 'config', {})) or sys.stdout.isatty()
+
 def _labels_for(n_classes:int, n_per_class:int|None, n_total:int|None, seed:int) -> np.ndarray:
     if (n_per_class is None) == (n_total is None): raise EvalError("give exactly one of n_per_class and n_total")
     if n_per_class is not None:
@@ -459,7 +465,8 @@ def generate(run, # run folder / checkpoint path, or a dict from `load_run`
              out, # sample folder (shards + manifest.json)
              n_per_class:int|None=None, n_total:int|None=None, guidance:float|None=None, # None: the run's omega
              sampler:str='ddim', steps:int=50, eta:float=0., var_type:str='fixedlarge', seed:int=0, ema:bool=True,
-             shard_size:int=1000, batch_size:int=500, device=None, progress:bool=True,
+             shard_size:int=1000, batch_size:int=500, device=None,
+             progress:bool|None=None, # a progress bar; None: only in a notebook or a terminal (a log file gets none)
              stop_after:int|None=None, # stop after this many new shards (as if interrupted)
             ) -> Path:
     "Generate samples into `out` in resumable shards; returns `out`."
@@ -485,6 +492,7 @@ def generate(run, # run folder / checkpoint path, or a dict from `load_run`
     todo = [s for s in range(n_shards) if not (out / f'shard_{s:05d}.npz').is_file()]
     if stop_after is not None: todo = todo[:stop_after]
     it = todo
+    if progress is None: progress = _interactive()
     if progress and todo:
         from fastprogress.fastprogress import progress_bar
         it = progress_bar(todo)   # the console bar takes no comment argument: set it afterwards
@@ -620,7 +628,7 @@ def _tag(ema, sampler, steps, omega, n_per_class, n_total, seed, kind):
 def evaluate_run(run, n_per_class:int|None=50, n_total:int|None=None, tag:str|None=None, extractor:str='auto',
                  guidance:float|None=None, sampler:str='ddim', steps:int=50, seed:int=0, ema:bool=True, k:int=3,
                  lpips:str='auto', lpips_pairs:int=100, cache=None, data_root=None, device=None, shard_size:int=1000,
-                 batch_size:int=500, progress:bool=True, many:int|None=None, few:int|None=None, prd_runs:int=10,
+                 batch_size:int=500, progress:bool|None=None, many:int|None=None, few:int|None=None, prd_runs:int=10,
                  quiet:bool=False) -> dict:
     "Generate (or reuse) samples of a run, score them, and write RUN/eval/<tag>.json and .md; returns the result dict."
     t0 = time.time()
@@ -755,11 +763,11 @@ def eval_cli(argv=None):
         if not a.run: raise EvalError("give a run folder (or --build_reference DATASET)")
         t0 = time.time()
         res = evaluate_run(a.run, a.n_per_class, a.n_total, a.tag, a.extractor, a.guidance, a.sampler, a.steps, a.seed, a.ema, a.k,
-                           a.lpips, a.lpips_pairs, a.cache, a.data_root, device, a.shard_size, a.batch_size, not a.quiet, a.many, a.few,
+                           a.lpips, a.lpips_pairs, a.cache, a.data_root, device, a.shard_size, a.batch_size, False if a.quiet else None, a.many, a.few,
                            a.prd_runs, a.quiet)
     except (EvalError, ValueError, FileNotFoundError) as e:
         print(f"coral_eval: error: {e}", file=sys.stderr); sys.exit(2)
-    if not a.quiet: print()   # end the console progress bar's line
+    if not a.quiet and _interactive(): print()   # end the console progress bar's line
     p_, m = res['provenance'], res['metrics']
     eval_dir = Path(p_['run']) / 'eval' if Path(p_['run']).is_dir() else Path(p_['run']).parent / 'eval'
     print(f"{p_['method']} on {p_['dataset']}, step {p_['step']} ({p_['weights']}), {p_['n_samples']} samples, {p_['sampler']} {p_['sampler_steps']} steps, "
