@@ -111,7 +111,7 @@ def bench_train(cases:dict, device='cpu', rounds:int=5, warmup:int=2, inner:int=
     times = round_robin({n: t.train_step for n, t in trainers.items()}, rounds, 0, inner, device)
     for n, t in trainers.items():
         s, bs = _median(times[n]), t.cfg.batch_size
-        r = out[n] | {'imgs_per_s': round(bs / s, 2), 'step_ms': round(1e3 * s, 3), 'step_ms_iqr': round(1e3 * _iqr(times[n]), 3),
+        r = out[n] | {'imgs_per_s': float(f'{bs / s:.4g}'), 'step_ms': round(1e3 * s, 3), 'step_ms_iqr': round(1e3 * _iqr(times[n]), 3),
                       'batch': bs, 'timed_steps': rounds * inner, 'gflop_per_img': round(out[n]['flops_per_step'] / bs / 1e9, 4),
                       'achieved_tflops': round(out[n]['flops_per_step'] / s / 1e12, 4)}
         if peak_tflops: r['peak_share'] = round(r['achieved_tflops'] / peak_tflops, 4)
@@ -166,7 +166,7 @@ def bench_sample(model, n:int, shape, device='cpu', samplers=('ddpm-1000', 'ddim
     out = {}
     for name, m in meta.items():
         per_batch = _median(times[name]) * m['steps'] / m['steps_timed']  # seconds for the full sampler
-        r = m | {'imgs_per_s': round(n / per_batch, 3), 's_per_batch': round(per_batch, 3),
+        r = m | {'imgs_per_s': float(f'{n / per_batch:.4g}'), 's_per_batch': round(per_batch, 3),
                  'extrapolated': m['steps_timed'] < m['steps'], 'achieved_tflops': round(call_flops * m['steps'] / per_batch / 1e12, 4),
                  'gflop_per_img': round(call_flops * m['steps'] / n / 1e9, 4)}
         if peak_tflops: r['peak_share'] = round(r['achieved_tflops'] / peak_tflops, 4)
