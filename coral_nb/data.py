@@ -15,10 +15,10 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
 # %% auto #0
-__all__ = ['PROFILES', 'GROUP_COLOURS', 'IMG_EXTENSIONS', 'lt_counts', 'get_targets', 'check_labels', 'LongTailed', 'long_tailed',
-           'image_transform', 'TensorImages', 'digits', 'digits_lt', 'class_groups', 'classes_by_frequency',
-           'head_tail', 'plot_class_counts', 'to_image', 'show_class_grid', 'cifar', 'cifar_lt', 'load_image',
-           'image_folder', 'image_folder_lt', 'ImageList', 'data_dir', 'extract_zip', 'data_main']
+__all__ = ['PROFILES', 'SELECTIONS', 'KEEP_ALL', 'GROUP_COLOURS', 'IMG_EXTENSIONS', 'lt_counts', 'get_targets', 'check_labels',
+           'LongTailed', 'long_tailed', 'image_transform', 'TensorImages', 'digits', 'digits_lt', 'class_groups',
+           'classes_by_frequency', 'head_tail', 'plot_class_counts', 'to_image', 'show_class_grid', 'cifar', 'cifar_lt',
+           'load_image', 'image_folder', 'image_folder_lt', 'ImageList', 'data_dir', 'extract_zip', 'data_main']
 
 # %% ../nbs/00_data.ipynb #a6e8df24
 PROFILES = ('exp', 'step')
@@ -80,29 +80,39 @@ class LongTailed(Dataset):
                 f"counts {self.class_counts[:4]}...{self.class_counts[-2:]}, rho={min(self.class_counts)/max(self.class_counts):.3g})")
 
 # %% ../nbs/00_data.ipynb #eecf1130
+SELECTIONS = ('coral', 'cbdm')  # which images: coral_nb's own draw, or CBDM/T2H's (NumPy's global seed, classes in label order)
+KEEP_ALL = 'none'  # the profile that keeps every image (a dataset that is long-tailed already)
+
 def long_tailed(dataset, # labelled dataset (`.targets` or `(x, y)` items), labels 0..C-1
                 imb_ratio:float, # rho = n_min / n_max in (0, 1]
-                profile:str='exp', # 'exp' or 'step'
+                profile:str='exp', # 'exp', 'step', or 'none' (keep every image: the dataset's own imbalance)
                 seed:int=0, # which images are kept; same seed, same subset
                 n_max:int|None=None, # images of the head class; default: the smallest class size of `dataset`
                 class_order:Sequence[int]|None=None, # classes from head to tail; default 0, 1, ..., C-1
+                selection:str='coral', # 'coral' (a default_rng permutation per class) or 'cbdm' (the baselines' draw, exactly)
                ) -> LongTailed:
     "A deterministic long-tailed subset of `dataset`."
+    if selection not in SELECTIONS: raise ValueError(f"unknown selection {selection!r}; expected one of {SELECTIONS}")
     targets = get_targets(dataset)
     C = check_labels(targets, where=type(dataset).__name__)
+    if profile == KEEP_ALL: return LongTailed(dataset, np.arange(len(targets)))
     available = np.bincount(targets, minlength=C)
     order = list(range(C)) if class_order is None else [int(c) for c in class_order]
     if sorted(order) != list(range(C)): raise ValueError(f"class_order must be a permutation of 0..{C-1}; got {order}")
     counts = lt_counts(int(available.min()) if n_max is None else n_max, C, imb_ratio, profile)
-    rng = np.random.default_rng(seed)
-    keep = []
-    for rank, c in enumerate(order):
-        want, have = counts[rank], int(available[c])
-        if want > have:
+    want = {c: counts[rank] for rank, c in enumerate(order)}
+    for c in order:
+        if want[c] > int(available[c]):
             name = f" ({dataset.classes[c]!r})" if getattr(dataset, 'classes', None) else ''
-            raise ValueError(f"class {c}{name} has {have} images but the {profile} profile asks for {want} "
+            raise ValueError(f"class {c}{name} has {int(available[c])} images but the {profile} profile asks for {want[c]} "
                              f"(n_max={counts[0]}, imb_ratio={imb_ratio}); lower n_max")
-        keep.append(rng.permutation(np.flatnonzero(targets == c))[:want])
+    if selection == 'coral':
+        rng = np.random.default_rng(seed)
+        keep = [rng.permutation(np.flatnonzero(targets == c))[:want[c]] for c in order]
+    else:  # CBDM / T2H: one legacy MT19937 seeded once, each class shuffled in label order, the first n_c kept
+        rs, keep = np.random.RandomState(seed), []
+        for c in range(C):
+            idx = np.flatnonzero(targets == c); rs.shuffle(idx); keep.append(idx[:want[c]])
     return LongTailed(dataset, np.sort(np.concatenate(keep)))
 
 # %% ../nbs/00_data.ipynb #3c07bc19
@@ -152,9 +162,9 @@ def digits(split:str='train', # 'train', 'test' (balanced, `n_test` per class) o
     return TensorImages(x[idx], y[idx], classes=[str(c) for c in range(10)])
 
 def digits_lt(imb_ratio:float=0.1, # rho = n_min / n_max
-              size:int=16, channels:int=3, profile:str='exp', seed:int=0, n_max:int|None=None) -> LongTailed:
+              size:int=16, channels:int=3, profile:str='exp', seed:int=0, n_max:int|None=None, selection:str='coral') -> LongTailed:
     "The offline long-tailed training set: the digits train split made long-tailed (class 0 is the head)."
-    return long_tailed(digits('train', size, channels), imb_ratio, profile, seed, n_max)
+    return long_tailed(digits('train', size, channels), imb_ratio, profile, seed, n_max, selection=selection)
 
 
 # %% ../nbs/00_data.ipynb #5bc2c28b
@@ -243,9 +253,9 @@ def cifar(root:str|Path, n_classes:int=10, train:bool=True, download:bool=False,
                             "(needs internet) or point root at the folder that contains it") from e
 
 def cifar_lt(root:str|Path, imb_ratio:float=0.01, n_classes:int=10, profile:str='exp', seed:int=0,
-             download:bool=False, flip:bool=True) -> LongTailed:
-    "CIFAR-10-LT / CIFAR-100-LT: the long-tailed training subset used by CBDM, T2H and CORAL."
-    return long_tailed(cifar(root, n_classes, True, download, flip), imb_ratio, profile, seed)
+             download:bool=False, flip:bool=True, selection:str='coral') -> LongTailed:
+    "CIFAR-10-LT / CIFAR-100-LT: the long-tailed training subset used by CBDM, T2H and CORAL (`selection='cbdm'`, `seed=0`: their very images)."
+    return long_tailed(cifar(root, n_classes, True, download, flip), imb_ratio, profile, seed, selection=selection)
 
 # %% ../nbs/00_data.ipynb #3e605519
 IMG_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
@@ -278,9 +288,9 @@ def image_folder(root:str|Path, size:int|None=None, flip:bool=True, channels:int
     return _VisibleImageFolder(str(root), transform=tfm, loader=load_image)
 
 def image_folder_lt(root:str|Path, imb_ratio:float, profile:str='exp', seed:int=0, n_max:int|None=None,
-                    size:int|None=None, flip:bool=True, channels:int=3, class_order=None) -> LongTailed:
-    "A long-tailed subset of an image folder (for example the JPEG copy of CIFAR-10: `root=.../train`)."
-    return long_tailed(image_folder(root, size, flip, channels), imb_ratio, profile, seed, n_max, class_order)
+                    size:int|None=None, flip:bool=True, channels:int=3, class_order=None, selection:str='coral') -> LongTailed:
+    "A long-tailed subset of an image folder (for example the JPEG copy of CIFAR-10: `root=.../train`); `profile='none'` keeps every image."
+    return long_tailed(image_folder(root, size, flip, channels), imb_ratio, profile, seed, n_max, class_order, selection)
 
 
 # %% ../nbs/00_data.ipynb #60b11212
@@ -332,7 +342,8 @@ def data_main(argv:Sequence[str]|None=None):
     p.add_argument('--dataset', default='digits', choices=['digits', 'cifar10', 'cifar100', 'folder'])
     p.add_argument('--root', help='dataset root (cifar10/cifar100: folder with the torchvision files; folder: root/<class>/<image>)')
     p.add_argument('--imb_ratio', type=float, help='rho = n_min/n_max (default 0.1 for digits, 0.01 otherwise)')
-    p.add_argument('--profile', default='exp', choices=PROFILES)
+    p.add_argument('--profile', default='exp', choices=[*PROFILES, KEEP_ALL], help="'none': keep every image (a dataset long-tailed already)")
+    p.add_argument('--selection', default='coral', choices=SELECTIONS, help="which images: coral_nb's draw or CBDM/T2H's ('cbdm')")
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--download', action='store_true', help='let torchvision download CIFAR (needs internet)')
     p.add_argument('--out', default='coral_data', help='folder for class_counts.png, examples.png and counts.json')
@@ -341,8 +352,8 @@ def data_main(argv:Sequence[str]|None=None):
     if a.dataset != 'digits' and not a.root: p.error(f"--root is required for --dataset {a.dataset}")
     try:
         if a.dataset == 'digits': ds = digits_lt(rho, profile=a.profile, seed=a.seed)
-        elif a.dataset == 'folder': ds = image_folder_lt(a.root, rho, a.profile, a.seed)
-        else: ds = cifar_lt(a.root, rho, 10 if a.dataset == 'cifar10' else 100, a.profile, a.seed, a.download)
+        elif a.dataset == 'folder': ds = image_folder_lt(a.root, rho, a.profile, a.seed, selection=a.selection)
+        else: ds = cifar_lt(a.root, rho, 10 if a.dataset == 'cifar10' else 100, a.profile, a.seed, a.download, selection=a.selection)
     except (ValueError, FileNotFoundError) as e: p.exit(2, f"coral_data: error: {e}\n")
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -352,7 +363,7 @@ def data_main(argv:Sequence[str]|None=None):
     plot_class_counts(counts, names, many, few, title=f'{a.dataset}-LT, rho = {rho}').figure.savefig(out/'class_counts.png', dpi=100, bbox_inches='tight')
     show_class_grid(ds, n_per_class=8, classes=list(range(min(len(counts), 10)))).savefig(out/'examples.png', dpi=100, bbox_inches='tight')
     plt.close('all')
-    summary = dict(dataset=a.dataset, imb_ratio=rho, profile=a.profile, seed=a.seed, n_images=len(ds),
+    summary = dict(dataset=a.dataset, imb_ratio=rho, profile=a.profile, selection=a.selection, seed=a.seed, n_images=len(ds),
                    class_counts=dict(zip(names, counts)), groups=class_groups(counts, many, few), **head_tail(counts))
     (out/'counts.json').write_text(json.dumps(summary, indent=1))
     print(f"{a.dataset}-LT: {len(ds):,} images in {len(counts)} classes, rho = {rho} ({a.profile})")

@@ -14,15 +14,15 @@ import torch
 from torch import nn
 import torch.distributed as dist
 
-from .data import digits_lt, cifar_lt, image_folder_lt, ImageList, classes_by_frequency
+from .data import digits_lt, cifar_lt, image_folder_lt, ImageList, classes_by_frequency, PROFILES, KEEP_ALL, SELECTIONS
 from .ddpm import Diffusion, ddim_sample, ddpm_sample
 from .unet import unet_cifar, unet_64, unet_tiny, unwrap_model
 from .coral import make_method, METHODS, Draws
 
 # %% auto #0
-__all__ = ['CHOICES', 'RANGES', 'RESUMABLE_FIELDS', 'PAPER_SETTINGS', 'PRESETS', 'MODELS', 'CHECKPOINT_FORMAT', 'TrainConfig',
-           'ConfigError', 'check_config', 'config_diff', 'config_from_dict', 'preset', 'ImageBank', 'EpochBatches',
-           'load_training_data', 'build_model', 'build_method', 'make_ema', 'ema_update', 'dist_info',
+__all__ = ['CHOICES', 'RANGES', 'RESUMABLE_FIELDS', 'PAPER_SETTINGS', 'OWN_EVALUATION', 'PRESETS', 'MODELS', 'CHECKPOINT_FORMAT',
+           'TrainConfig', 'ConfigError', 'check_config', 'config_diff', 'config_from_dict', 'preset', 'ImageBank',
+           'EpochBatches', 'load_training_data', 'build_model', 'build_method', 'make_ema', 'ema_update', 'dist_info',
            'init_distributed', 'gather_features', 'average_gradients', 'NonFiniteLoss', 'RunFolderError', 'RunInUse',
            'CheckpointError', 'TrainingInterrupted', 'seed_everything', 'RunLock', 'Trainer', 'load_checkpoint',
            'check_device', 'check_run_folder', 'model_from_loaded', 'model_from_checkpoint', 'sample_grid',
@@ -38,6 +38,8 @@ class TrainConfig:
     root:str|None = None # dataset root (cifar: torchvision folder; folder: the tree; imagenet_lt: the image root)
     list_file:str|None = None # imagenet_lt: the 'path label' list of the training split
     imb_ratio:float = 0.1 # rho = n_min / n_max (ignored by imagenet_lt, which is long-tailed already)
+    lt_profile:str = 'exp' # long-tailed profile: 'exp', 'step', or 'none' (keep every image: a folder long-tailed already)
+    lt_selection:str = 'coral' # which images each class keeps: 'coral' (coral_nb's draw) or 'cbdm' (CBDM/T2H's exact draw; the CIFAR paper presets)
     img_size:int = 8 # image side (digits: 8, their native size, or 16; CIFAR: 32; CelebA-5 / ImageNet-LT: 64)
     channels:int = 3 # image channels (3: RGB; 1: grey)
     flip:bool = False # random horizontal flips (natural images; not digits)
@@ -71,7 +73,7 @@ class TrainConfig:
     grad_clip:float = 1.0 # clip the gradient norm to this (0: no clipping)
     ema_decay:float = 0.999 # decay of the EMA weights that draw samples
     ema_warmup:bool = True # decay min(ema_decay, (1+n)/(10+n)): useful for short runs
-    bf16:bool = True # bf16 autocast on CUDA (ignored on CPU)
+    bf16:bool = True # bf16 autocast on CUDA (ignored on CPU); the paper presets turn it off (fp32, as the official code trains): --bf16 turns it on
     seed:int = 0 # seed of the data order, initial weights, noise and label drops
     # speed switches: off in every preset; each says what it changes (measured in the Performance chapter)
     compile:bool = False # torch.compile the U-Net (fused kernels: same maths, float rounding differs; the first steps compile). CORAL's bottleneck hook fires in the compiled graph as long as the net is always called with it, as the loss does
@@ -96,6 +98,8 @@ class ConfigError(ValueError):
 
 CHOICES = {  # the fields that take one of a few names
     'dataset': ('digits', 'cifar10', 'cifar100', 'folder', 'imagenet_lt'),
+    'lt_profile': (*PROFILES, KEEP_ALL),
+    'lt_selection': SELECTIONS,
     'model': ('tiny8', 'tiny', 'cifar', '64'),
     'method': tuple(METHODS),
     'drop_mode': ('sample', 'batch'),
@@ -178,7 +182,10 @@ PAPER_SETTINGS = { # setting: (dataset, imb_ratio, CORAL tau_SC, CORAL tau_r, gu
 }
 _PAPER = dict(img_size=32, flip=True, model='cifar', dropout=0.1, steps=150_000, batch_size=128, lr=2e-4, warmup=5000,
               grad_clip=1.0, ema_decay=0.9999, ema_warmup=False, w=0.01, sample_every=10_000, log_every=100,
-              ckpt_every=5000, drop_mode='batch', weighting='batch', official_temperature_scale=True)
+              ckpt_every=5000, drop_mode='batch', weighting='batch', official_temperature_scale=True,
+              bf16=False, sampler='ddpm')   # fp32 and 1000-step ancestral DDPM grids, as the official code
+
+OWN_EVALUATION = {'t2h': dict(sampler='ddim', sample_steps=100)}  # a method's own evaluation sampler where it differs from DDPM (T2H: DDIM, every 10th step)
 
 def _paper_presets() -> dict[str, TrainConfig]:
     out = {}
@@ -186,7 +193,7 @@ def _paper_presets() -> dict[str, TrainConfig]:
         for method, omega in omegas.items():
             steps = 200_000 if method == 't2h' else 150_000
             out[f'{setting}_{method}'] = TrainConfig(**{**_PAPER, 'dataset': ds, 'imb_ratio': rho, 'method': method, 'steps': steps,
-                                                       'temperature': tau_sc, 'tau_r': tau_r, 'guidance': omega})
+                                                       'temperature': tau_sc, 'tau_r': tau_r, 'guidance': omega, 'lt_selection': 'cbdm'})
     for name, ds in (('celeba5_64', 'folder'), ('imagenet_lt_64', 'imagenet_lt')):
         for method in ('ddpm', 'cbdm', 't2h', 'coral'):
             out[f'{name}_{method}'] = TrainConfig(**{**_PAPER, 'dataset': ds, 'img_size': 64, 'model': '64', 'method': method,
@@ -258,13 +265,14 @@ class EpochBatches:
 # %% ../nbs/05_train.ipynb #ea6b3edf
 def load_training_data(cfg:TrainConfig):
     "The long-tailed training dataset named by `cfg` (images in [-1, 1], no random flips: the loop flips)."
-    if cfg.dataset == 'digits': return digits_lt(cfg.imb_ratio, cfg.img_size, cfg.channels, seed=cfg.seed)
+    lt = dict(profile=cfg.lt_profile, selection=cfg.lt_selection)
+    if cfg.dataset == 'digits': return digits_lt(cfg.imb_ratio, cfg.img_size, cfg.channels, seed=cfg.seed, **lt)
     if cfg.dataset in ('cifar10', 'cifar100'):
         if not cfg.root: raise ValueError(f"dataset {cfg.dataset!r} needs root (the folder with the torchvision CIFAR files)")
-        return cifar_lt(cfg.root, cfg.imb_ratio, 10 if cfg.dataset == 'cifar10' else 100, seed=cfg.seed, download=cfg.download, flip=False)
+        return cifar_lt(cfg.root, cfg.imb_ratio, 10 if cfg.dataset == 'cifar10' else 100, seed=cfg.seed, download=cfg.download, flip=False, **lt)
     if cfg.dataset == 'folder':
         if not cfg.root: raise ValueError("dataset 'folder' needs root (root/<class>/<image>)")
-        return image_folder_lt(cfg.root, cfg.imb_ratio, seed=cfg.seed, size=cfg.img_size, flip=False, channels=cfg.channels)
+        return image_folder_lt(cfg.root, cfg.imb_ratio, seed=cfg.seed, size=cfg.img_size, flip=False, channels=cfg.channels, **lt)
     if cfg.dataset == 'imagenet_lt':
         if not (cfg.root and cfg.list_file): raise ValueError("dataset 'imagenet_lt' needs root (image folder) and list_file (ImageNet_LT_train.txt)")
         ds = ImageList(cfg.root, cfg.list_file, size=cfg.img_size, flip=False)
