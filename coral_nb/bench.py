@@ -366,8 +366,9 @@ def _parser():
     p.add_argument('--channels-last', action='store_true', help="NHWC layout (same maths, other conv kernels; float rounding differs)")
     p.add_argument('--fused-optimizer', action='store_true', help="fused Adam kernel (same update up to float rounding)")
     p.add_argument('--tf32', action='store_true', help="CUDA: TF32 matmuls/convs where fp32 is kept (inputs rounded to a 10-bit mantissa)")
-    p.add_argument('--fp32', action='store_true', help="train in float32 (the reference's precision) instead of the preset's bf16 autocast on CUDA")
-    p.add_argument('--fast', action='store_true', help="all of --compile --channels-last --fused-optimizer --tf32")
+    p.add_argument('--bf16', action='store_true', help="CUDA: train under bf16 autocast (the paper presets train in fp32, as the reference does)")
+    p.add_argument('--fp32', action='store_true', help="train in float32 even where the preset says bf16 (the digits presets)")
+    p.add_argument('--fast', action='store_true', help="all of --compile --channels-last --fused-optimizer --tf32 --bf16")
     p.add_argument('--baseline', action='store_true', help="also time the first method in fp32 eager without switches (this project's stand-in for the official code)")
     p.add_argument('--samplers', default='ddpm-1000,ddim-100', help="comma-separated: ddpm-1000, ddim-100 ('' for none)")
     p.add_argument('--sample-batch', type=int, default=None, help="images per sampler call, half of the model batch (guidance doubles it) (default: 256 on CUDA; on a CPU 10, cifar 2)")
@@ -390,6 +391,7 @@ def bench_cli(argv=None):
     device = torch.device(a.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if device.type == 'cuda' and not torch.cuda.is_available(): raise SystemExit(f"coral_bench: --device {a.device} but CUDA is not available here")
     switches = {k: True for k in SPEED_SWITCHES if getattr(a, k) or a.fast}
+    if a.bf16 or a.fast: switches['bf16'] = True
     if a.fp32: switches['bf16'] = False
     split = lambda s: tuple(x.strip() for x in s.split(',') if x.strip())
     cpu_cifar = device.type == 'cpu' and a.preset == 'cifar'
