@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_bench.ipynb #3d7473a2
 from __future__ import annotations
-import argparse, copy, json, math, os, platform, resource, statistics, subprocess, sys, tempfile, time
+import argparse, copy, json, math, os, platform, resource, shutil, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
 
 import torch
@@ -94,6 +94,17 @@ def make_trainer(cfg, device='cpu', bank=None) -> Trainer:
     bank = synthetic_bank(cfg, device) if bank is None else bank
     return Trainer(cfg, tempfile.mkdtemp(prefix='coral_bench_'), device=device, resume=False, data=bank, quiet=True)
 
+def _stepper(t:Trainer):
+    "`t.train_step` with its own TF32 setting first: the flags are process-wide, and a case must not inherit another's."
+    def step():
+        if t.device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = t.cfg.tf32
+        return t.train_step()
+    return step
+
+def _discard(t:Trainer):
+    "Let go of a throw-away trainer's run folder and delete it."
+    t.close(); shutil.rmtree(t.out, ignore_errors=True)
+
 def train_flops(t:Trainer) -> int:
     "FLOPs of one training step of `t`, counted on the eager model (compiled code computes the same maths)."
     net, t.net = t.net, t.model
@@ -106,9 +117,9 @@ def bench_train(cases:dict, device='cpu', rounds:int=5, warmup:int=2, inner:int=
     trainers = {n: make_trainer(cfg, device) for n, cfg in cases.items()}
     out = {}
     for n, t in trainers.items():  # warm-up (compilation too), memory, FLOPs: one configuration at a time
-        for _ in range(warmup): t.train_step()
-        out[n] = {'peak_mem_mb': round(peak_memory_mb(device, t.train_step), 1), 'flops_per_step': train_flops(t)}
-    times = round_robin({n: t.train_step for n, t in trainers.items()}, rounds, 0, inner, device)
+        for _ in range(warmup): _stepper(t)()
+        out[n] = {'peak_mem_mb': round(peak_memory_mb(device, _stepper(t)), 1), 'flops_per_step': train_flops(t)}
+    times = round_robin({n: _stepper(t) for n, t in trainers.items()}, rounds, 0, inner, device)
     for n, t in trainers.items():
         s, bs = _median(times[n]), t.cfg.batch_size
         r = out[n] | {'imgs_per_s': float(f'{bs / s:.4g}'), 'step_ms': round(1e3 * s, 3), 'step_ms_iqr': round(1e3 * _iqr(times[n]), 3),
@@ -116,7 +127,7 @@ def bench_train(cases:dict, device='cpu', rounds:int=5, warmup:int=2, inner:int=
                       'achieved_tflops': round(out[n]['flops_per_step'] / s / 1e12, 4)}
         if peak_tflops: r['peak_share'] = round(r['achieved_tflops'] / peak_tflops, 4)
         out[n] = r
-    for t in trainers.values(): t.model.cpu()  # free the device for whatever runs next
+    for t in trainers.values(): t.model.cpu(); _discard(t)  # free the device and the disk for whatever runs next
     del trainers
     return out
 

@@ -217,6 +217,19 @@ def _write_atomic(path:Path, write):
     tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
     write(tmp); os.replace(tmp, path)
 
+def _source_tag(dataset:str, root=None, channels:int=3) -> str:
+    "'' for the bundled digits in RGB; otherwise names the data tree (sha256 of its resolved path) and grey images, for cache names."
+    tag = '' if channels == 3 else f'-c{channels}'
+    if dataset == 'digits': return tag
+    base = Path(root).expanduser() if root else (data_dir() / dataset if data_dir() else None)
+    where = str(base.resolve()) if base is not None else '(none)'
+    return tag + '-r' + hashlib.sha256(where.encode()).hexdigest()[:8]
+
+def _has_entry(path:Path) -> bool: return Path(path).is_file() and Path(str(path) + '.json').is_file()
+
+def _write_sidecar(path:Path, meta:dict):
+    _write_atomic(Path(str(path) + '.json'), lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+
 def _read_verified(path:Path) -> dict:
     "The JSON sidecar of a cached file, after checking the file's sha256 against it."
     meta_path = Path(str(path) + '.json')
@@ -312,9 +325,9 @@ def offline_extractor(dataset:str='digits', size:int=8, channels:int=3, root=Non
                       device='cpu', rebuild:bool=False, quiet:bool=False) -> Extractor:
     "coral_nb's offline extractor for `dataset` at `size` pixels: trained on the balanced reference data on first use, then read from the cache."
     register_offline_extractor()
-    name = f"{OFFLINE_EXTRACTOR}-{dataset}-{size}px-s{seed}"
+    name = f"{OFFLINE_EXTRACTOR}-{dataset}-{size}px{_source_tag(dataset, root, channels)}-s{seed}"
     path = cache_dir(cache) / 'extractors' / f'{name}.pt'
-    if rebuild or not path.is_file():
+    if rebuild or not _has_entry(path):
         x, y, classes = reference_data(dataset, size, channels, root, 'train')
         if dataset == 'digits': xt, yt, _ = reference_data(dataset, size, channels, root, 'test')
         else:
@@ -329,7 +342,7 @@ def offline_extractor(dataset:str='digits', size:int=8, channels:int=3, root=Non
         meta = dict(name=name, kind='offline', file=path.name, sha256=sha256_file(path), dataset=dataset, size=size, channels=channels,
                     seed=seed, epochs=ep, n_train=len(x), n_heldout=len(xt), heldout_accuracy=round(acc, 4), classes=list(classes),
                     train_seconds=round(time.time() - t0, 1), coral_nb_version=coral_nb.__version__)
-        Path(str(path) + '.json').write_text(json.dumps(meta, indent=1))
+        _write_sidecar(path, meta)
     meta = _read_verified(path)
     from torch_fidelity.utils import create_feature_extractor
     module = create_feature_extractor(OFFLINE_EXTRACTOR, ['feat', 'logits'], cuda=False, verbose=False,
@@ -376,19 +389,19 @@ def reference_stats(extractor:Extractor, dataset:str='digits', size:int=8, chann
                     cache=None, rebuild:bool=False, batch_size:int=256) -> ReferenceStats:
     "Reference features and statistics of the balanced `dataset` split under `extractor`, cached as <dataset>-<split>-<size>px--<extractor>-<sha8>.npz."
     sha = (extractor.info.get('sha256') or 'unknown')[:8]
-    name = f"{dataset}-{split}-{size}px--{extractor.name}-{sha}"
+    name = f"{dataset}-{split}-{size}px{_source_tag(dataset, root, channels)}--{extractor.name}-{sha}"
     path = cache_dir(cache) / 'reference' / f'{name}.npz'
-    if rebuild or not path.is_file():
+    if rebuild or not _has_entry(path):
         x, y, classes = reference_data(dataset, size, channels, root, split)
         f = extractor(x, batch_size)
         mu, sigma = gaussian_stats(f['feat'])
         arrays = dict(feats=f['feat'].numpy(), labels=y.numpy(), mu=mu, sigma=sigma)
         if 'logits' in f: arrays['logits'] = f['logits'].numpy()
         _write_atomic(path, lambda p: np.savez(open(p, 'wb'), **arrays))
-        Path(str(path) + '.json').write_text(json.dumps(dict(
-            name=name, sha256=sha256_file(path), dataset=dataset, split=split, size=size, channels=channels, n=len(y),
+        _write_sidecar(path, dict(
+            name=name, sha256=sha256_file(path), dataset=dataset, split=split, size=size, channels=channels, root=str(root) if root else None, n=len(y),
             preprocessing=f'balanced {split} split, resized to {size}px, uint8 RGB', extractor=extractor.name,
-            extractor_sha256=extractor.info.get('sha256'), classes=list(classes), coral_nb_version=coral_nb.__version__), indent=1))
+            extractor_sha256=extractor.info.get('sha256'), classes=list(classes), coral_nb_version=coral_nb.__version__))
     meta = _read_verified(path)
     with np.load(path) as z:
         return ReferenceStats(name, str(path), meta['sha256'], z['feats'], z['logits'] if 'logits' in z else None, z['labels'], z['mu'], z['sigma'])

@@ -346,7 +346,7 @@ def average_gradients(params):
         if p.grad is not None: dist.all_reduce(p.grad); p.grad.div_(world)
 
 # %% ../nbs/05_train.ipynb #44cc093f
-import re, signal, socket, threading, pickle, zipfile
+import contextlib, re, signal, socket, threading, pickle, zipfile
 try: import fcntl
 except ImportError: fcntl = None   # no flock (Windows): runs are not protected from each other there
 
@@ -482,8 +482,8 @@ class Trainer:
             if hasattr(self.method, 'coral'): self.method.coral.gather = gather_features
         else: self.net = self.model
         if cfg.compile: self.net = torch.compile(self.net)  # forward hooks (CORAL's bottleneck) are traced into the graph
-        if cfg.tf32 and self.device.type == 'cuda':  # process-wide PyTorch flags
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        if self.device.type == 'cuda':  # process-wide flags, set both ways: PyTorch's default lets cuDNN convolutions use TF32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
         params = [*self.model.parameters(), *self.method.parameters()]
         opt_cls = {'adam': torch.optim.Adam, 'adamw': torch.optim.AdamW}.get(cfg.optimizer)
         if opt_cls is None: raise ValueError(f"unknown optimizer {cfg.optimizer!r}; valid: 'adam', 'adamw'")
@@ -526,7 +526,9 @@ def _torch_load_format1(path, map_location):
     allow = [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     core = getattr(np, '_core', None) or np.core
     allow.append(core.multiarray._reconstruct)
-    with torch.serialization.safe_globals(allow): return torch.load(path, map_location=map_location, weights_only=True)
+    scoped = getattr(torch.serialization, 'safe_globals', None)   # torch >= 2.5; torch 2.4 has only the process-wide list
+    if scoped is None: torch.serialization.add_safe_globals(allow)
+    with scoped(allow) if scoped else contextlib.nullcontext(): return torch.load(path, map_location=map_location, weights_only=True)
 
 def load_checkpoint(path, map_location='cpu') -> dict:
     "Read a coral_nb checkpoint with `torch.load(weights_only=True)` (tensors and plain data, never code); one clear line for anything else."
@@ -552,11 +554,16 @@ def load_checkpoint(path, map_location='cpu') -> dict:
         raise CheckpointError(f"{str(path)!r} is not a coral_nb training checkpoint (no 'config', 'model', 'ema' and 'class_counts' entries)")
     return ck
 
+def _row_step(row:str) -> int|None:
+    "The step of a metrics row; None for a blank or half-written line (a run killed in the middle of a write)."
+    try: return json.loads(row).get('step', 0)
+    except (json.JSONDecodeError, AttributeError): return None
+
 def _truncate_metrics(path:Path, step:int):
     "Drop metrics rows logged after `step` (a run that went on past its last checkpoint before it stopped)."
     if not path.exists(): return
     rows = path.read_text().splitlines(keepends=True)
-    keep = [r for r in rows if r.strip() and json.loads(r).get('step', 0) <= step]
+    keep = [r for r in rows if (s := _row_step(r)) is not None and s <= step]
     if len(keep) != len(rows): _atomic_write_text(path, ''.join(keep))
 
 def _load(self:Trainer, path):
@@ -613,6 +620,13 @@ def _check_folder(self:Trainer, resume:bool, overwrite:bool):
     RunLock.check(self.out)
     self._check_contents(resume, overwrite)
 
+def _backup_name(out:Path) -> Path:
+    "<out>.old-<time>, with a counter when that name is taken (two overwrites in one second); `out` may be '.'."
+    out = Path(out).resolve(); stamp = time.strftime('%Y%m%d-%H%M%S')
+    backup, k = out.with_name(f"{out.name}.old-{stamp}"), 1
+    while backup.exists(): backup, k = out.with_name(f"{out.name}.old-{stamp}-{k}"), k + 1
+    return backup
+
 def _open_folder(self:Trainer, resume:bool, overwrite:bool):
     "Lock the folder, check it again under the lock, move an old run aside if asked, resume from its checkpoint, write config.json."
     ck = self.out / 'checkpoint.pt'
@@ -623,8 +637,9 @@ def _open_folder(self:Trainer, resume:bool, overwrite:bool):
             except OSError as e: raise RunFolderError(f"cannot create the run folder {str(self.out)!r}: {e.strerror}") from None
             if self.lock.previous: self.log(f"{self.out}: the run that held it ({self.lock.previous}) ended without letting go; taking it over")
             if overwrite and (ck.exists() or (self.out / 'config.json').exists()):
-                backup = self.out.with_name(f"{self.out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-                self.out.rename(backup)   # our lock moves with the folder: no other run can step in
+                backup = _backup_name(self.out)
+                try: self.out.rename(backup)   # our lock moves with the folder: no other run can step in
+                except OSError as e: raise RunFolderError(f"cannot move the previous run in {str(self.out)!r} aside to {str(backup)!r}: {e.strerror}") from None
                 old, self.lock = self.lock, RunLock(self.out).acquire()
                 old.path = backup / RunLock.name; old.release()
                 self.log(f"moved the previous run in {self.out} to {backup}")
