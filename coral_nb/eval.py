@@ -821,6 +821,7 @@ def plot_comparison(df, axs=None):
     if axs is None: _, axs = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 2.8), squeeze=False); axs = axs[0]
     for ax, m in zip(axs, metrics):
         sns.barplot(data=df[df.metric == m], x='group', y='value', hue='run', ax=ax, legend=ax is axs[-1]); ax.set_title(m, fontsize=9); ax.set_ylabel('')
+    if axs[-1].get_legend(): sns.move_legend(axs[-1], 'upper left', bbox_to_anchor=(1.02, 1), frameon=False)  # beside the bars, not over them
     plt.tight_layout()
     return axs
 
