@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import coral_nb
 from .data import digits, image_folder, data_dir, class_groups, head_tail, classes_by_frequency, to_image
 from .ddpm import Diffusion, ddpm_sample, ddim_sample
-from .train import load_checkpoint, model_from_checkpoint, load_training_data, ImageBank
+from .train import load_checkpoint, check_device, model_from_loaded, load_training_data, ImageBank
 
 # %% auto #0
 __all__ = ['OFFLINE_EXTRACTOR', 'INCEPTION', 'INCEPTION_FILE', 'GROUP_KEYS', 'EXTRACTORS', 'EvalError', 'frechet_distance',
@@ -468,8 +468,9 @@ def checkpoint_file(run) -> Path:
 def load_run(run, ema:bool=True, device='cpu') -> dict:
     "Model, config, class counts, class names, step and checkpoint path + sha256 of a run folder or checkpoint."
     ck_path = checkpoint_file(run)
-    ck = load_checkpoint(ck_path)
-    model, cfg, counts = model_from_checkpoint(ck_path, ema=ema, device=device)
+    check_device(device)            # an absent GPU is one clear line, before the checkpoint is read
+    ck = load_checkpoint(ck_path)   # read once: the model and the provenance both come from it
+    model, cfg, counts = model_from_loaded(ck, ema=ema, device=device)
     classes = ck.get('classes') or [str(c) for c in range(len(counts))]
     return dict(model=model, cfg=cfg, class_counts=list(counts), classes=list(classes), step=int(ck['step']),
                 checkpoint=str(ck_path.resolve()), checkpoint_sha256=sha256_file(ck_path), ema=ema)
