@@ -21,12 +21,12 @@ from .coral import make_method, METHODS, Draws
 
 # %% auto #0
 __all__ = ['CHOICES', 'RANGES', 'RESUMABLE_FIELDS', 'PAPER_SETTINGS', 'OWN_EVALUATION', 'PRESETS', 'MODELS', 'CHECKPOINT_FORMAT',
-           'TrainConfig', 'ConfigError', 'check_config', 'config_diff', 'config_from_dict', 'preset', 'ImageBank',
-           'EpochBatches', 'load_training_data', 'build_model', 'build_method', 'make_ema', 'ema_update', 'dist_info',
-           'init_distributed', 'gather_features', 'average_gradients', 'NonFiniteLoss', 'RunFolderError', 'RunInUse',
-           'CheckpointError', 'TrainingInterrupted', 'seed_everything', 'RunLock', 'Trainer', 'load_checkpoint',
-           'check_device', 'check_run_folder', 'model_from_loaded', 'model_from_checkpoint', 'sample_grid',
-           'grid_image', 'save_grid', 'class_labels', 'train', 'distributed_step_check']
+           'TrainConfig', 'ConfigError', 'check_config', 'data_seed', 'config_diff', 'config_from_dict', 'preset',
+           'ImageBank', 'EpochBatches', 'load_training_data', 'build_model', 'build_method', 'make_ema', 'ema_update',
+           'dist_info', 'init_distributed', 'gather_features', 'average_gradients', 'NonFiniteLoss', 'RunFolderError',
+           'RunInUse', 'CheckpointError', 'TrainingInterrupted', 'seed_everything', 'RunLock', 'Trainer',
+           'load_checkpoint', 'check_device', 'check_run_folder', 'model_from_loaded', 'model_from_checkpoint',
+           'sample_grid', 'grid_image', 'save_grid', 'class_labels', 'train', 'distributed_step_check']
 
 # %% ../nbs/05_train.ipynb #763d28dd
 @dataclass
@@ -40,6 +40,7 @@ class TrainConfig:
     imb_ratio:float = 0.1 # rho = n_min / n_max (ignored by imagenet_lt, which is long-tailed already)
     lt_profile:str = 'exp' # long-tailed profile: 'exp', 'step', or 'none' (keep every image: a folder long-tailed already)
     lt_selection:str = 'coral' # which images each class keeps: 'coral' (coral_nb's draw) or 'cbdm' (CBDM/T2H's exact draw; the CIFAR paper presets)
+    data_seed:int|None = None # seed of that draw; None: `seed` (the paper presets fix 0, CBDM/T2H's subset, whatever the training seed)
     img_size:int = 8 # image side (digits: 8, their native size, or 16; CIFAR: 32; CelebA-5 / ImageNet-LT: 64)
     channels:int = 3 # image channels (3: RGB; 1: grey)
     flip:bool = False # random horizontal flips (natural images; not digits)
@@ -121,7 +122,7 @@ RANGES = {  # field: (test, what is expected)
     'w': _ge(0, 'a number'), 'cbdm_tau': _ge(0, 'a number'), 'tau_r': _gt0(), 'temperature': _gt0(),
     'beta_1': ((lambda v: 0 < v < 1), 'a number in (0, 1)'), 'beta_T': ((lambda v: 0 < v < 1), 'a number in (0, 1)'),
     'steps': _ge(1), 'batch_size': _ge(1), 'lr': _gt0(), 'warmup': _ge(0), 'weight_decay': _ge(0, 'a number'),
-    'grad_clip': _ge(0, 'a number'), 'ema_decay': _within(0, 1, 'a decay in [0, 1)'), 'seed': _ge(0),
+    'grad_clip': _ge(0, 'a number'), 'ema_decay': _within(0, 1, 'a decay in [0, 1)'), 'seed': _ge(0), 'data_seed': _ge(0),
     'sample_steps': _ge(1), 'n_per_class': _ge(1), 'sample_every': _ge(0), 'log_every': _ge(1), 'ckpt_every': _ge(1),
 }
 
@@ -160,10 +161,16 @@ def check_config(cfg:TrainConfig) -> TrainConfig:
 RESUMABLE_FIELDS = ('steps', 'sample_every', 'log_every', 'ckpt_every', 'n_per_class', 'sampler', 'sample_steps', 'guidance', 'download', 'root', 'list_file',
                     'compile', 'channels_last', 'fused_optimizer', 'tf32', 'sample_fast')
 
+def data_seed(cfg:TrainConfig|dict) -> int:
+    "The seed that draws a run's long-tailed subset: `data_seed`, or `seed` where it is None."
+    d = asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    return d.get('seed', 0) if d.get('data_seed') is None else d['data_seed']
+
 def config_diff(a:TrainConfig|dict, b:TrainConfig|dict, ignore=RESUMABLE_FIELDS) -> dict:
     "Fields whose values differ between two configurations: {name: (a, b)}."
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}   # a field added later: an older config has its default
     a, b = ({**defaults, **(asdict(c) if dataclasses.is_dataclass(c) else dict(c))} for c in (a, b))
+    for d in (a, b): d['data_seed'] = data_seed(d)   # None means `seed`: compare the subsets drawn, not the spelling
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in ignore and a.get(k) != b.get(k)}
 
 def config_from_dict(d:dict) -> TrainConfig:
@@ -183,7 +190,7 @@ PAPER_SETTINGS = { # setting: (dataset, imb_ratio, CORAL tau_SC, CORAL tau_r, gu
 _PAPER = dict(img_size=32, flip=True, model='cifar', dropout=0.1, steps=150_000, batch_size=128, lr=2e-4, warmup=5000,
               grad_clip=1.0, ema_decay=0.9999, ema_warmup=False, w=0.01, sample_every=10_000, log_every=100,
               ckpt_every=5000, drop_mode='batch', weighting='batch', official_temperature_scale=True,
-              bf16=False, sampler='ddpm')   # fp32 and 1000-step ancestral DDPM grids, as the official code
+              bf16=False, sampler='ddpm', data_seed=0)   # fp32, 1000-step ancestral DDPM grids and one fixed subset, as the official code
 
 OWN_EVALUATION = {'t2h': dict(sampler='ddim', sample_steps=100)}  # a method's own evaluation sampler where it differs from DDPM (T2H: DDIM, every 10th step)
 
@@ -265,14 +272,14 @@ class EpochBatches:
 # %% ../nbs/05_train.ipynb #ea6b3edf
 def load_training_data(cfg:TrainConfig):
     "The long-tailed training dataset named by `cfg` (images in [-1, 1], no random flips: the loop flips)."
-    lt = dict(profile=cfg.lt_profile, selection=cfg.lt_selection)
-    if cfg.dataset == 'digits': return digits_lt(cfg.imb_ratio, cfg.img_size, cfg.channels, seed=cfg.seed, **lt)
+    lt = dict(profile=cfg.lt_profile, selection=cfg.lt_selection, seed=data_seed(cfg))
+    if cfg.dataset == 'digits': return digits_lt(cfg.imb_ratio, cfg.img_size, cfg.channels, **lt)
     if cfg.dataset in ('cifar10', 'cifar100'):
         if not cfg.root: raise ValueError(f"dataset {cfg.dataset!r} needs root (the folder with the torchvision CIFAR files)")
-        return cifar_lt(cfg.root, cfg.imb_ratio, 10 if cfg.dataset == 'cifar10' else 100, seed=cfg.seed, download=cfg.download, flip=False, **lt)
+        return cifar_lt(cfg.root, cfg.imb_ratio, 10 if cfg.dataset == 'cifar10' else 100, download=cfg.download, flip=False, **lt)
     if cfg.dataset == 'folder':
         if not cfg.root: raise ValueError("dataset 'folder' needs root (root/<class>/<image>)")
-        return image_folder_lt(cfg.root, cfg.imb_ratio, seed=cfg.seed, size=cfg.img_size, flip=False, channels=cfg.channels, **lt)
+        return image_folder_lt(cfg.root, cfg.imb_ratio, size=cfg.img_size, flip=False, channels=cfg.channels, **lt)
     if cfg.dataset == 'imagenet_lt':
         if not (cfg.root and cfg.list_file): raise ValueError("dataset 'imagenet_lt' needs root (image folder) and list_file (ImageNet_LT_train.txt)")
         ds = ImageList(cfg.root, cfg.list_file, size=cfg.img_size, flip=False)
