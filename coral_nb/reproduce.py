@@ -4,14 +4,14 @@
 
 # %% auto #0
 __all__ = ['GPU_FP32_TFLOPS', 'PAPER_RESULTS', 'PAPER_COLUMNS', 'STUDY_SCALES', 'SAVED_GROUP_KEYS', 'SAVED_CLASS_KEYS',
-           'OVERALL_KEYS', 'STUDY_KEYS', 'MEASURES', 'LOWER_IS_BETTER', 'METHOD_COLOURS', 'preset_table',
+           'OVERALL_KEYS', 'STUDY_KEYS', 'MEASURES', 'LOWER_IS_BETTER', 'NO_BETTER', 'METHOD_COLOURS', 'preset_table',
            'paper_command', 'eval_command', 'bench_costs', 'wall_time_estimate', 'measured_wall_time', 'setting_of',
            'paper_table', 'study_config', 'study_name', 'balanced_test_set', 'overlap_at', 'loss_curve', 'final_loss',
            'logged_train_seconds', 'run_study', 'load_study', 'variant', 'study_frame', 'seed_summary', 'mean_sd_table',
            'paired_difference', 'difference_table', 'plot_seeds', 'plot_sweep', 'side_by_side', 'tail_first',
            'study_grid']
 
-# %% ../nbs/08_reproduce.ipynb #859189be
+# %% ../nbs/08_reproduce.ipynb #05ad3ff5
 import json, os, platform, time
 from dataclasses import asdict
 from pathlib import Path
@@ -23,7 +23,7 @@ from .train import Trainer, TrainConfig, preset, PRESETS, PAPER_SETTINGS, OWN_EV
 from .eval import evaluate_run, git_commit
 from .latents import official_features, overlap_summary, read_metrics
 
-# %% ../nbs/08_reproduce.ipynb #f2df3651
+# %% ../nbs/08_reproduce.ipynb #ff07b028
 def preset_table(settings=tuple(PAPER_SETTINGS)):
     "The paper presets side by side: what each method trains with in each CIFAR setting."
     import pandas as pd
@@ -37,7 +37,7 @@ def preset_table(settings=tuple(PAPER_SETTINGS)):
                              subset=f"{c.lt_selection} (data_seed {c.data_seed})", sampler=c.sampler))
     return pd.DataFrame(rows).set_index(['setting', 'method'])
 
-# %% ../nbs/08_reproduce.ipynb #32a2b6b6
+# %% ../nbs/08_reproduce.ipynb #59ad07b6
 def paper_command(name:str, root:str='data/cifar10', out:str|None=None, gpus:int=1, bf16:bool=False) -> str:
     "The shell command that trains the paper preset `name` on one GPU, or on `gpus` GPUs of one machine with torchrun."
     if name not in PRESETS: raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
@@ -52,7 +52,7 @@ def eval_command(name:str, run:str|None=None, n_total:int=50_000, own_sampler:bo
     sampler = f"--sampler ddim --steps {s['sample_steps']}" if s else '--sampler ddpm'
     return f"coral_eval {run or f'runs/{name}'} --n_total {n_total} {sampler} --extractor inception" + (' --tag own' if s else '')
 
-# %% ../nbs/08_reproduce.ipynb #121d2520
+# %% ../nbs/08_reproduce.ipynb #f6bfba4e
 GPU_FP32_TFLOPS = {'V100': 15.7, 'A100': 19.5, 'H100 SXM / H200': 66.9, 'RTX 4090': 82.6}  # dense fp32 peak (CUDA cores), vendor data sheets
 
 def bench_costs(bench:dict|str|Path) -> dict:
@@ -67,6 +67,7 @@ def wall_time_estimate(name:str, costs:dict, tflops:float, utilisation:tuple=(0.
                        sampler:str='ddpm-1000') -> dict:
     "Hours to train preset `name` and to draw `n_samples` on a GPU of `tflops` fp32 peak, at the given shares of that peak (best, worst)."
     c = PRESETS[name]
+    if c.model != 'cifar': raise ValueError(f"{name} trains the {c.model!r} U-Net; these costs were measured on the 'cifar' U-Net (run coral_bench for it)")
     train_flop = c.steps * c.batch_size * costs['train_gflop'][c.method] * 1e9
     sample_flop = n_samples * costs['sample_gflop'][sampler] * 1e9   # measured with guidance on: two U-Net passes per step
     hours = lambda flop: tuple(round(flop / (tflops * 1e12 * u) / 3600, 1) for u in utilisation)
@@ -76,9 +77,10 @@ def wall_time_estimate(name:str, costs:dict, tflops:float, utilisation:tuple=(0.
 def measured_wall_time(name:str, costs:dict) -> float:
     "Hours to train preset `name` at the throughput a `coral_bench` run measured (meaningful for a GPU result)."
     c = PRESETS[name]
+    if c.model != 'cifar': raise ValueError(f"{name} trains the {c.model!r} U-Net; this throughput was measured on the 'cifar' U-Net")
     return c.steps * c.batch_size / costs['train_imgs_per_s'][c.method] / 3600
 
-# %% ../nbs/08_reproduce.ipynb #a494daaf
+# %% ../nbs/08_reproduce.ipynb #6801ccd2
 PAPER_RESULTS = {  # (setting, method): FID, IS, F8, recall, F1/8 as reported (50k samples, Inception, balanced training statistics)
     ('cifar10_lt_0.01', 'ddpm'): (6.17, 9.43, .87, .52, .94), ('cifar10_lt_0.01', 'cbdm'): (5.62, 9.28, .96, .57, .95),
     ('cifar10_lt_0.01', 't2h'): (7.01, 9.63, .89, .54, .95), ('cifar10_lt_0.01', 'coral'): (5.32, 9.69, .97, .59, .97),
@@ -111,7 +113,7 @@ def paper_table(results=()):
         df.loc[key, ['yours_n', 'yours_file']] = [prov.get('n_samples'), str(f)]
     return df
 
-# %% ../nbs/08_reproduce.ipynb #71d4eb09
+# %% ../nbs/08_reproduce.ipynb #caf9768f
 STUDY_SCALES = {  # scale: the preset each method starts from, what the study changes, and how it is evaluated
     'digits': dict(preset='digits_{method}', dataset='digits-lt-0.1-8px', n_per_class=50, overlap_per_class=30,
                    overrides=dict(sample_every=0)),
@@ -132,7 +134,7 @@ def study_name(scale:str, method:str, seed:int, **tags) -> str:
     "A run's file name: scale, method, seed and what else sets it apart (`w`, `steps`, `data`)."
     return f"{scale}_{method}_s{seed}" + ''.join(f"_{k}{v}" for k, v in tags.items())
 
-# %% ../nbs/08_reproduce.ipynb #56872e0d
+# %% ../nbs/08_reproduce.ipynb #35169fb9
 def balanced_test_set(cfg:TrainConfig, n_per_class:int, test_root=None) -> tuple[torch.Tensor, torch.Tensor]:
     "The first `n_per_class` held-out images of every class (digits' test split, or the image folder `test_root`), in [-1, 1]."
     if cfg.dataset == 'digits':
@@ -156,7 +158,7 @@ def overlap_at(model, x, y, head, tail, frac:float=0.1, k:int=10, device='cpu') 
         out['label_on' if on else 'label_off'] = s
     return out
 
-# %% ../nbs/08_reproduce.ipynb #264692ca
+# %% ../nbs/08_reproduce.ipynb #2eb95e99
 def loss_curve(run, max_points:int=60) -> dict:
     "A run's logged losses, thinned to at most `max_points` rows: {column: list}."
     m = read_metrics(run)
@@ -174,7 +176,7 @@ def logged_train_seconds(run) -> float:
     bs = json.loads((Path(run) / 'config.json').read_text()).get('batch_size', 64)
     return float((m['step'].diff().fillna(m['step'].iloc[0]) * bs / m['imgs_per_s']).sum())
 
-# %% ../nbs/08_reproduce.ipynb #87bedc7c
+# %% ../nbs/08_reproduce.ipynb #b732313d
 SAVED_GROUP_KEYS = ('fd', 'consistency_mean', 'recall_mean', 'precision_mean', 'diversity_mean', 'rel_diversity_mean', 'lpips_mean')
 SAVED_CLASS_KEYS = ('class', 'name', 'train_count', 'fd', 'consistency', 'precision', 'recall', 'diversity', 'rel_diversity', 'lpips')
 OVERALL_KEYS = ('fd', 'kd', 'precision', 'recall', 'f8', 'f1_8', 'consistency', 'diversity', 'rel_diversity', 'lpips')
@@ -196,6 +198,8 @@ def run_study(cfg:TrainConfig, name:str, runs_dir, out_dir, scale:str, data=None
     train_wall = time.time() - t0
     ev = evaluate_run(run, n_per_class or sc['n_per_class'], tag=f'study_step{cfg.steps}_{sampler}{sample_steps}', sampler=sampler,
                       steps=sample_steps, seed=cfg.seed, data_root=eval_root, device=device, progress=False, quiet=True)
+    if ev['provenance']['step'] != cfg.steps:   # a shared run folder already past this record's steps: never file its checkpoint under them
+        raise ValueError(f"{run} holds a checkpoint at step {ev['provenance']['step']}, not {cfg.steps}: record {name!r} needs a run folder of its own")
     model, _, counts = model_from_checkpoint(run, device=device)
     ht = head_tail(counts)
     x, y = balanced_test_set(cfg, sc['overlap_per_class'], test_root)
@@ -222,7 +226,7 @@ def run_study(cfg:TrainConfig, name:str, runs_dir, out_dir, scale:str, data=None
     _write_json(out, rec)
     return rec
 
-# %% ../nbs/08_reproduce.ipynb #57854431
+# %% ../nbs/08_reproduce.ipynb #b105a660
 STUDY_KEYS = ('method', 'seed', 'dataset', 'steps', 'metrics', 'provenance')
 
 def load_study(folder) -> list[dict]:
@@ -247,6 +251,7 @@ MEASURES = {  # table column: where it sits in a record's metrics (group means a
     'silhouette_off': 'overlap.label_off.silhouette', 'diffusion_loss': 'final_diffusion_loss',
 }
 LOWER_IS_BETTER = {'fd', 'fd_head', 'fd_tail', 'borrowing_on', 'borrowing_off', 'diffusion_loss'}
+NO_BETTER = {'diversity_head', 'diversity_tail'}   # wider samples are not better by themselves: off-class samples are diverse too
 
 def _at(d, path):
     for k in path.split('.'):
@@ -263,10 +268,11 @@ def study_frame(records:list[dict], measures:dict=MEASURES):
     "One row per record: scale, method, seed, variant, steps, w, and every measure."
     import pandas as pd
     rows = [dict(scale=r['scale'], method=r['method'], seed=r['seed'], variant=variant(r), steps=r['steps'],
-                 w=r['provenance']['config'].get('w'), **{m: _at(r['metrics'], p) for m, p in measures.items()}) for r in records]
+                 w=r['provenance']['config'].get('w') if 'coral' in r['method'] else None,   # only CORAL uses w
+                 **{m: _at(r['metrics'], p) for m, p in measures.items()}) for r in records]
     return pd.DataFrame(rows)
 
-# %% ../nbs/08_reproduce.ipynb #806a0c4d
+# %% ../nbs/08_reproduce.ipynb #ace7bb11
 def seed_summary(df, measures, by=('method',)):
     "Mean, standard deviation (over seeds) and number of seeds of each measure, per group of `by`."
     return df.groupby(list(by))[list(measures)].agg(['mean', 'std', 'count'])
@@ -277,15 +283,17 @@ def mean_sd_table(df, measures, by=('method',), digits:int=3):
     return s.apply(lambda r: {m: f"{r[(m, 'mean')]:.{digits}f} ± {r[(m, 'std')]:.{digits}f}" for m in measures}, axis=1, result_type='expand')
 
 def paired_difference(df, measure:str, a:str='ddpm', b:str='coral') -> dict:
-    "b minus a, seed by seed (the same seeds), beside the seed spread: does the difference exceed it?"
+    "b minus a, seed by seed (the same seeds), beside the seed spread: does the difference exceed it? `better`: the method ahead in every seed, if one is."
     pa, pb = (df[df.method == m].set_index('seed')[measure] for m in (a, b))
+    if not (pa.index.is_unique and pb.index.is_unique): raise ValueError(f"{measure}: several rows share a method and seed; select one variant first")
     seeds = sorted(set(pa.index) & set(pb.index))
     if len(seeds) < 2: raise ValueError(f"{measure}: {a} and {b} share {len(seeds)} seed(s); a spread needs at least 2")
     d = (pb[seeds] - pa[seeds]).astype(float)
     spread = float(max(pa[seeds].std(), pb[seeds].std()))   # the larger of the two methods' seed standard deviations
+    same_sign = bool((d > 0).all() or (d < 0).all())
+    better = None if (not same_sign or measure in NO_BETTER) else (b if (d.mean() < 0) == (measure in LOWER_IS_BETTER) else a)
     return dict(measure=measure, seeds=seeds, diffs=[round(v, 4) for v in d], mean_diff=float(d.mean()), sd_diff=float(d.std()),
-                spread=spread, same_sign=bool((d > 0).all() or (d < 0).all()), exceeds_spread=bool(abs(d.mean()) > spread),
-                better=None if d.mean() == 0 else (b if (d.mean() < 0) == (measure in LOWER_IS_BETTER) else a))
+                spread=spread, same_sign=same_sign, exceeds_spread=bool(abs(d.mean()) > spread), better=better)
 
 def difference_table(df, measures, a:str='ddpm', b:str='coral'):
     "`paired_difference` for each measure, as a table."
@@ -293,7 +301,7 @@ def difference_table(df, measures, a:str='ddpm', b:str='coral'):
     rows = [paired_difference(df, m, a, b) for m in measures]
     return pd.DataFrame(rows).set_index('measure')[['mean_diff', 'sd_diff', 'spread', 'same_sign', 'exceeds_spread', 'better', 'diffs']]
 
-# %% ../nbs/08_reproduce.ipynb #8ed58966
+# %% ../nbs/08_reproduce.ipynb #b9f80e25
 METHOD_COLOURS = {'ddpm': 'C0', 'cbdm': 'C1', 't2h': 'C2', 'coral': 'C3', 'coral+cbdm': 'C4'}
 
 def plot_seeds(df, measures, methods=None, axs=None, titles=None):
@@ -335,7 +343,7 @@ def side_by_side(grids:dict, gap:int=6):
         out.paste(im, (x, 14)); draw.text((x + 2, 1), title, fill='black'); x += im.width + gap
     return out
 
-# %% ../nbs/08_reproduce.ipynb #be060e03
+# %% ../nbs/08_reproduce.ipynb #f12fc945
 def tail_first(class_counts) -> list[int]:
     "Classes from the rarest to the most frequent (ties by label): the order of the study's sample grids."
     return classes_by_frequency(class_counts)[::-1]
