@@ -12,7 +12,7 @@ import torch
 
 from .train import (TrainConfig, PRESETS, CHOICES, preset, config_from_dict, train, load_checkpoint, sample_grid, save_grid,
                             class_labels, check_device, check_run_folder, model_from_loaded, model_from_checkpoint,
-                            ConfigError, RunFolderError, NonFiniteLoss, TrainingInterrupted)
+                            ConfigError, RunFolderError, NonFiniteLoss, TrainingInterrupted, _kinds)
 from .data import classes_by_frequency
 from .ddpm import Diffusion
 
@@ -21,11 +21,9 @@ __all__ = ['field_help', 'add_config_args', 'overrides_from', 'make_config', 'tr
 
 # %% ../nbs/09_cli.ipynb #92115e39
 def _field_type(f):
-    t = f.type if not isinstance(f.type, str) else f.type.replace(' ', '')
-    if t in (bool, 'bool'): return bool
-    if t in (int, 'int'): return int
-    if t in (float, 'float', 'float|None'): return float
-    return str
+    "The command-line type of a TrainConfig field, from its annotation ('int|None' -> int; None stays the default)."
+    kinds = _kinds(f)
+    return next((typ for name, typ in (('bool', bool), ('int', int), ('float', float)) if name in kinds), str)
 
 def field_help() -> dict[str, str]:
     "Each TrainConfig field's explanation: the comment beside it in the class's source."

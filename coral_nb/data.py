@@ -351,7 +351,7 @@ def data_main(argv:Sequence[str]|None=None):
     rho = a.imb_ratio if a.imb_ratio is not None else (0.1 if a.dataset == 'digits' else 0.01)
     if a.dataset != 'digits' and not a.root: p.error(f"--root is required for --dataset {a.dataset}")
     try:
-        if a.dataset == 'digits': ds = digits_lt(rho, profile=a.profile, seed=a.seed)
+        if a.dataset == 'digits': ds = digits_lt(rho, profile=a.profile, seed=a.seed, selection=a.selection)
         elif a.dataset == 'folder': ds = image_folder_lt(a.root, rho, a.profile, a.seed, selection=a.selection)
         else: ds = cifar_lt(a.root, rho, 10 if a.dataset == 'cifar10' else 100, a.profile, a.seed, a.download, selection=a.selection)
     except (ValueError, FileNotFoundError) as e: p.exit(2, f"coral_data: error: {e}\n")

@@ -18,9 +18,9 @@ from .train import EpochBatches
 # %% auto #0
 __all__ = ['bottleneck_features', 'official_features', 'knn_labels', 'knn_purity', 'purity_chance', 'borrowing',
            'borrowing_chance', 'neighbour_matrix', 'neighbour_matrix_chance', 'silhouette', 'shuffled_chance',
-           'overlap_summary', 'supcon_floor', 'training_floor', 'read_metrics', 'overlap_vs_t', 'tsne', 'plot_map',
-           'plot_neighbour_matrix', 'latent_explorer', 'balanced_like', 'pixel_classifier', 'class_consistency',
-           'provenance']
+           'overlap_summary', 'supcon_floor', 'training_floor', 'read_metrics', 'logged_seconds', 'overlap_vs_t',
+           'tsne', 'plot_map', 'plot_neighbour_matrix', 'latent_explorer', 'balanced_like', 'pixel_classifier',
+           'class_consistency', 'provenance']
 
 # %% ../nbs/07_latents.ipynb #c608349f
 class _Eval:
@@ -198,6 +198,11 @@ def read_metrics(run) -> 'pd.DataFrame':
     if not p.is_file(): raise FileNotFoundError(f"no metrics file at {str(p)!r} (expected a run folder with metrics.jsonl)")
     m = pd.read_json(p, lines=True)
     return m.drop_duplicates('step', keep='last').sort_values('step').reset_index(drop=True)  # a resumed run logs some steps again
+
+def logged_seconds(metrics, batch_size:int) -> float:
+    "The training time a run logged (steps since the previous row x batch / images per second), whatever session trained each part."
+    m = metrics
+    return float((m['step'].diff().fillna(m['step'].iloc[0]) * batch_size / m['imgs_per_s']).sum())
 
 # %% ../nbs/07_latents.ipynb #1b7de0f9
 def overlap_vs_t(model, x, y, ts, head, tail, k:int=10, labels=(True, False), noised:bool=True, seed:int=0, **kwargs) -> list[dict]:

@@ -4,14 +4,14 @@
 
 # %% auto #0
 __all__ = ['GPU_FP32_TFLOPS', 'PAPER_RESULTS', 'PAPER_COLUMNS', 'STUDY_SCALES', 'SAVED_GROUP_KEYS', 'SAVED_CLASS_KEYS',
-           'OVERALL_KEYS', 'STUDY_KEYS', 'MEASURES', 'LOWER_IS_BETTER', 'NO_BETTER', 'METHOD_COLOURS', 'preset_table',
-           'paper_command', 'eval_command', 'bench_costs', 'wall_time_estimate', 'measured_wall_time', 'setting_of',
-           'paper_table', 'study_config', 'study_name', 'balanced_test_set', 'overlap_at', 'loss_curve', 'final_loss',
-           'logged_train_seconds', 'run_study', 'load_study', 'variant', 'study_frame', 'seed_summary', 'mean_sd_table',
-           'paired_difference', 'difference_table', 'plot_seeds', 'plot_sweep', 'side_by_side', 'tail_first',
-           'study_grid']
+           'OVERALL_KEYS', 'OVERLAP_FRAC', 'OVERLAP_K', 'STUDY_KEYS', 'MEASURES', 'LOWER_IS_BETTER', 'NO_BETTER',
+           'METHOD_COLOURS', 'preset_table', 'paper_command', 'eval_command', 'bench_costs', 'wall_time_estimate',
+           'measured_wall_time', 'setting_of', 'paper_table', 'study_config', 'study_name', 'balanced_test_set',
+           'overlap_at', 'loss_curve', 'final_loss', 'run_study', 'load_study', 'variant', 'study_frame',
+           'seed_summary', 'mean_sd_table', 'paired_difference', 'difference_table', 'plot_seeds', 'plot_sweep',
+           'side_by_side', 'tail_first', 'study_grid']
 
-# %% ../nbs/08_reproduce.ipynb #05ad3ff5
+# %% ../nbs/08_reproduce.ipynb #d7db184f
 import json, os, platform, time
 from dataclasses import asdict
 from pathlib import Path
@@ -20,10 +20,10 @@ import coral_nb
 from .data import digits, image_folder, head_tail, classes_by_frequency
 from .coral import METHODS
 from .train import Trainer, TrainConfig, preset, PRESETS, PAPER_SETTINGS, OWN_EVALUATION, model_from_checkpoint
-from .eval import evaluate_run, git_commit
-from .latents import official_features, overlap_summary, read_metrics
+from .eval import evaluate_run, git_commit, _write_atomic
+from .latents import official_features, overlap_summary, read_metrics, logged_seconds
 
-# %% ../nbs/08_reproduce.ipynb #ff07b028
+# %% ../nbs/08_reproduce.ipynb #9ea5fb66
 def preset_table(settings=tuple(PAPER_SETTINGS)):
     "The paper presets side by side: what each method trains with in each CIFAR setting."
     import pandas as pd
@@ -37,7 +37,7 @@ def preset_table(settings=tuple(PAPER_SETTINGS)):
                              subset=f"{c.lt_selection} (data_seed {c.data_seed})", sampler=c.sampler))
     return pd.DataFrame(rows).set_index(['setting', 'method'])
 
-# %% ../nbs/08_reproduce.ipynb #59ad07b6
+# %% ../nbs/08_reproduce.ipynb #d120cbce
 def paper_command(name:str, root:str='data/cifar10', out:str|None=None, gpus:int=1, bf16:bool=False) -> str:
     "The shell command that trains the paper preset `name` on one GPU, or on `gpus` GPUs of one machine with torchrun."
     if name not in PRESETS: raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
@@ -52,7 +52,7 @@ def eval_command(name:str, run:str|None=None, n_total:int=50_000, own_sampler:bo
     sampler = f"--sampler ddim --steps {s['sample_steps']}" if s else '--sampler ddpm'
     return f"coral_eval {run or f'runs/{name}'} --n_total {n_total} {sampler} --extractor inception" + (' --tag own' if s else '')
 
-# %% ../nbs/08_reproduce.ipynb #f6bfba4e
+# %% ../nbs/08_reproduce.ipynb #18eb915e
 GPU_FP32_TFLOPS = {'V100': 15.7, 'A100': 19.5, 'H100 SXM / H200': 66.9, 'RTX 4090': 82.6}  # dense fp32 peak (CUDA cores), vendor data sheets
 
 def bench_costs(bench:dict|str|Path) -> dict:
@@ -80,7 +80,7 @@ def measured_wall_time(name:str, costs:dict) -> float:
     if c.model != 'cifar': raise ValueError(f"{name} trains the {c.model!r} U-Net; this throughput was measured on the 'cifar' U-Net")
     return c.steps * c.batch_size / costs['train_imgs_per_s'][c.method] / 3600
 
-# %% ../nbs/08_reproduce.ipynb #6801ccd2
+# %% ../nbs/08_reproduce.ipynb #bfa28479
 PAPER_RESULTS = {  # (setting, method): FID, IS, F8, recall, F1/8 as reported (50k samples, Inception, balanced training statistics)
     ('cifar10_lt_0.01', 'ddpm'): (6.17, 9.43, .87, .52, .94), ('cifar10_lt_0.01', 'cbdm'): (5.62, 9.28, .96, .57, .95),
     ('cifar10_lt_0.01', 't2h'): (7.01, 9.63, .89, .54, .95), ('cifar10_lt_0.01', 'coral'): (5.32, 9.69, .97, .59, .97),
@@ -113,7 +113,7 @@ def paper_table(results=()):
         df.loc[key, ['yours_n', 'yours_file']] = [prov.get('n_samples'), str(f)]
     return df
 
-# %% ../nbs/08_reproduce.ipynb #caf9768f
+# %% ../nbs/08_reproduce.ipynb #85ce688e
 STUDY_SCALES = {  # scale: the preset each method starts from, what the study changes, and how it is evaluated
     'digits': dict(preset='digits_{method}', dataset='digits-lt-0.1-8px', n_per_class=50, overlap_per_class=30,
                    overrides=dict(sample_every=0)),
@@ -134,7 +134,7 @@ def study_name(scale:str, method:str, seed:int, **tags) -> str:
     "A run's file name: scale, method, seed and what else sets it apart (`w`, `steps`, `data`)."
     return f"{scale}_{method}_s{seed}" + ''.join(f"_{k}{v}" for k, v in tags.items())
 
-# %% ../nbs/08_reproduce.ipynb #35169fb9
+# %% ../nbs/08_reproduce.ipynb #54032fd9
 def balanced_test_set(cfg:TrainConfig, n_per_class:int, test_root=None) -> tuple[torch.Tensor, torch.Tensor]:
     "The first `n_per_class` held-out images of every class (digits' test split, or the image folder `test_root`), in [-1, 1]."
     if cfg.dataset == 'digits':
@@ -153,38 +153,28 @@ def overlap_at(model, x, y, head, tail, frac:float=0.1, k:int=10, device='cpu') 
     "The latents chapter's overlap measures of the bottleneck features at t = frac*T, with the label fed in and left out."
     out = {}
     for on in (True, False):
-        s = overlap_summary(official_features(model, x, y, label=on, frac=frac, device=device), y, head, tail, k)
-        s['purity_per_class'] = [round(float(v), 4) for v in s['purity_per_class']]
-        out['label_on' if on else 'label_off'] = s
+        out['label_on' if on else 'label_off'] = overlap_summary(official_features(model, x, y, label=on, frac=frac, device=device), y, head, tail, k)
     return out
 
-# %% ../nbs/08_reproduce.ipynb #2eb95e99
-def loss_curve(run, max_points:int=60) -> dict:
-    "A run's logged losses, thinned to at most `max_points` rows: {column: list}."
-    m = read_metrics(run)
-    m = m.iloc[np.unique(np.linspace(0, len(m) - 1, min(max_points, len(m))).round().astype(int))]
+# %% ../nbs/08_reproduce.ipynb #ba11f42d
+def loss_curve(metrics, max_points:int=60) -> dict:
+    "A run's logged losses (`read_metrics`), thinned to at most `max_points` rows: {column: list}."
+    m = metrics.iloc[np.unique(np.linspace(0, len(metrics) - 1, min(max_points, len(metrics))).round().astype(int))]
     cols = [c for c in ('step', 'diffusion', 'reg', 'supcon', 'loss') if c in m]
     return {c: [round(float(v), 5) for v in m[c]] for c in cols}
 
-def final_loss(run, column:str='diffusion', last:int=5) -> float:
+def final_loss(metrics, column:str='diffusion', last:int=5) -> float:
     "The mean of the last `last` logged values of a loss (one batch each: a single value is noisy)."
-    return float(read_metrics(run)[column].tail(last).mean())
+    return float(metrics[column].tail(last).mean())
 
-def logged_train_seconds(run) -> float:
-    "The training time a run logged (steps between rows / images per second), whatever session trained it."
-    m = read_metrics(run)
-    bs = json.loads((Path(run) / 'config.json').read_text()).get('batch_size', 64)
-    return float((m['step'].diff().fillna(m['step'].iloc[0]) * bs / m['imgs_per_s']).sum())
-
-# %% ../nbs/08_reproduce.ipynb #b732313d
+# %% ../nbs/08_reproduce.ipynb #b14e5e3c
 SAVED_GROUP_KEYS = ('fd', 'consistency_mean', 'recall_mean', 'precision_mean', 'diversity_mean', 'rel_diversity_mean', 'lpips_mean')
 SAVED_CLASS_KEYS = ('class', 'name', 'train_count', 'fd', 'consistency', 'precision', 'recall', 'diversity', 'rel_diversity', 'lpips')
 OVERALL_KEYS = ('fd', 'kd', 'precision', 'recall', 'f8', 'f1_8', 'consistency', 'diversity', 'rel_diversity', 'lpips')
 
 def _r(v, nd=5): return None if v is None else round(float(v), nd)
 
-def _write_json(path:Path, obj):
-    tmp = path.with_suffix('.json.tmp'); tmp.write_text(json.dumps(obj, indent=1)); os.replace(tmp, path)
+OVERLAP_FRAC, OVERLAP_K = 0.1, 10   # the official feature protocol (t = 0.1 T) and the latents chapter's k
 
 def run_study(cfg:TrainConfig, name:str, runs_dir, out_dir, scale:str, data=None, n_per_class:int|None=None, sampler:str='ddim',
               sample_steps:int=50, eval_root=None, test_root=None, device='cpu', redo:bool=False, note:str|None=None, run_name:str|None=None) -> dict:
@@ -194,39 +184,40 @@ def run_study(cfg:TrainConfig, name:str, runs_dir, out_dir, scale:str, data=None
     sc = STUDY_SCALES[scale]
     run = Path(runs_dir) / (run_name or name)   # a run folder may serve several records (a run extended step by step)
     t0 = time.time()
-    Trainer(cfg, run, device=device, data=data, quiet=True).fit(progress=False)   # resumes a folder that holds a checkpoint
+    trainer = Trainer(cfg, run, device=device, data=data, quiet=True)
+    trainer.fit(progress=False)                  # resumes a folder that holds a checkpoint
+    if trainer.step != cfg.steps:   # a shared run folder already past this record's steps: never file its checkpoint under them
+        raise ValueError(f"{run} holds a checkpoint at step {trainer.step}, not {cfg.steps}: record {name!r} needs a run folder of its own")
     train_wall = time.time() - t0
     ev = evaluate_run(run, n_per_class or sc['n_per_class'], tag=f'study_step{cfg.steps}_{sampler}{sample_steps}', sampler=sampler,
                       steps=sample_steps, seed=cfg.seed, data_root=eval_root, device=device, progress=False, quiet=True)
-    if ev['provenance']['step'] != cfg.steps:   # a shared run folder already past this record's steps: never file its checkpoint under them
-        raise ValueError(f"{run} holds a checkpoint at step {ev['provenance']['step']}, not {cfg.steps}: record {name!r} needs a run folder of its own")
-    model, _, counts = model_from_checkpoint(run, device=device)
+    counts = [r['train_count'] for r in ev['per_class']]
     ht = head_tail(counts)
     x, y = balanced_test_set(cfg, sc['overlap_per_class'], test_root)
     t1 = time.time()
-    overlap = overlap_at(model, x, y, ht['head'], ht['tail'], device=device)
+    overlap = overlap_at(trainer.ema.module.eval(), x, y, ht['head'], ht['tail'], OVERLAP_FRAC, OVERLAP_K, device=device)
+    metrics = read_metrics(run)
     groups = {g: {k: _r(v.get(k)) for k in SAVED_GROUP_KEYS} | {'classes': v['classes']} for g, v in ev['groups'].items()}
     rec = dict(method=cfg.method, seed=cfg.seed, dataset=sc['dataset'], steps=ev['provenance']['step'], scale=scale, name=name,
                metrics=dict(overall={k: _r(ev['metrics'].get(k)) for k in OVERALL_KEYS}, groups=groups, overlap=overlap,
-                            final_diffusion_loss=_r(final_loss(run))),
+                            final_diffusion_loss=_r(final_loss(metrics))),
                per_class=[{k: (_r(r[k]) if isinstance(r[k], float) else r[k]) for k in SAVED_CLASS_KEYS} for r in ev['per_class']],
-               loss_curve=loss_curve(run),
+               loss_curve=loss_curve(metrics),
                provenance=dict(config=asdict(cfg), class_counts=list(counts), head=ht['head'], tail=ht['tail'], note=note,
                                coral_nb_version=coral_nb.__version__, git_commit=git_commit(), torch=torch.__version__, device=str(device),
                                machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
-                               train_seconds_logged=round(logged_train_seconds(run), 1), train_wall_seconds_this_call=round(train_wall, 1),
+                               train_seconds_logged=round(logged_seconds(metrics, cfg.batch_size), 1), train_wall_seconds_this_call=round(train_wall, 1),
                                checkpoint_sha256=ev['provenance']['checkpoint_sha256'], weights=ev['provenance']['weights'],
                                sampler=sampler, sampler_steps=ev['provenance']['sampler_steps'], guidance=ev['provenance']['guidance'],
                                n_samples=ev['provenance']['n_samples'], extractor={k: ev['provenance']['extractor'][k] for k in ('name', 'sha256', 'heldout_accuracy')},
                                reference={k: v for k, v in ev['provenance']['reference'].items() if k in ('name', 'sha256', 'n')},
                                eval_seconds=ev['provenance']['wall_seconds'],
-                               overlap=dict(t=int(0.1 * cfg.T), k=10, n_per_class=sc['overlap_per_class'], images='balanced held-out split', seconds=round(time.time() - t1, 1)),
+                               overlap=dict(t=int(OVERLAP_FRAC * cfg.T), k=OVERLAP_K, n_per_class=sc['overlap_per_class'], images='balanced held-out split', seconds=round(time.time() - t1, 1)),
                                created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())))
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    _write_json(out, rec)
+    _write_atomic(out, lambda p: p.write_text(json.dumps(rec, indent=1)))
     return rec
 
-# %% ../nbs/08_reproduce.ipynb #b105a660
+# %% ../nbs/08_reproduce.ipynb #ee1f4b4c
 STUDY_KEYS = ('method', 'seed', 'dataset', 'steps', 'metrics', 'provenance')
 
 def load_study(folder) -> list[dict]:
@@ -272,7 +263,7 @@ def study_frame(records:list[dict], measures:dict=MEASURES):
                  **{m: _at(r['metrics'], p) for m, p in measures.items()}) for r in records]
     return pd.DataFrame(rows)
 
-# %% ../nbs/08_reproduce.ipynb #ace7bb11
+# %% ../nbs/08_reproduce.ipynb #0892e580
 def seed_summary(df, measures, by=('method',)):
     "Mean, standard deviation (over seeds) and number of seeds of each measure, per group of `by`."
     return df.groupby(list(by))[list(measures)].agg(['mean', 'std', 'count'])
@@ -301,7 +292,7 @@ def difference_table(df, measures, a:str='ddpm', b:str='coral'):
     rows = [paired_difference(df, m, a, b) for m in measures]
     return pd.DataFrame(rows).set_index('measure')[['mean_diff', 'sd_diff', 'spread', 'same_sign', 'exceeds_spread', 'better', 'diffs']]
 
-# %% ../nbs/08_reproduce.ipynb #b9f80e25
+# %% ../nbs/08_reproduce.ipynb #688dca02
 METHOD_COLOURS = {'ddpm': 'C0', 'cbdm': 'C1', 't2h': 'C2', 'coral': 'C3', 'coral+cbdm': 'C4'}
 
 def plot_seeds(df, measures, methods=None, axs=None, titles=None):
@@ -343,7 +334,7 @@ def side_by_side(grids:dict, gap:int=6):
         out.paste(im, (x, 14)); draw.text((x + 2, 1), title, fill='black'); x += im.width + gap
     return out
 
-# %% ../nbs/08_reproduce.ipynb #f12fc945
+# %% ../nbs/08_reproduce.ipynb #b33b87b6
 def tail_first(class_counts) -> list[int]:
     "Classes from the rarest to the most frequent (ties by label): the order of the study's sample grids."
     return classes_by_frequency(class_counts)[::-1]
