@@ -500,7 +500,7 @@ def generate(run, # run folder / checkpoint path, or a dict from `load_run`
         old = json.loads(man.read_text())['settings']
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if diff: raise EvalError(f"{out} holds samples made with other settings {diff}; use another folder (tag)")
-    else: man.write_text(json.dumps(dict(settings=settings, checkpoint=r['checkpoint'], complete=False), indent=1))
+    else: _write_atomic(man, lambda p: p.write_text(json.dumps(dict(settings=settings, checkpoint=r['checkpoint'], complete=False), indent=1)))
     diffusion = Diffusion(cfg.T, cfg.beta_1, cfg.beta_T).to(device)
     n_shards = math.ceil(len(labels) / shard_size)
     todo = [s for s in range(n_shards) if not (out / f'shard_{s:05d}.npz').is_file()]
@@ -523,7 +523,8 @@ def generate(run, # run folder / checkpoint path, or a dict from `load_run`
         arr = torch.cat(xs).numpy()
         _write_atomic(out / f'shard_{s:05d}.npz', lambda p: np.savez(open(p, 'wb'), images=arr, labels=ys.cpu().numpy()))
     done = all((out / f'shard_{s:05d}.npz').is_file() for s in range(n_shards))
-    m = json.loads(man.read_text()); m['complete'] = done; man.write_text(json.dumps(m, indent=1))
+    m = json.loads(man.read_text()); m['complete'] = done
+    _write_atomic(man, lambda p: p.write_text(json.dumps(m, indent=1)))   # a kill mid-write never leaves a manifest that resuming cannot read
     return out
 
 def load_samples(folder) -> tuple[torch.Tensor, torch.Tensor, dict]:
