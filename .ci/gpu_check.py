@@ -18,7 +18,7 @@ import torch
 from coral_nb.train import ImageBank, Trainer, preset, sample_grid
 from coral_nb.ddpm import Diffusion
 from coral_nb.unet import BottleneckHook
-from coral_nb.bench import uses_sdpa
+from coral_nb.bench import uses_sdpa, make_trainer, _discard
 
 out = Path(sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith('--') else '.')
 cpu = '--cpu' in sys.argv or not torch.cuda.is_available()
@@ -36,11 +36,8 @@ def check(label):
     return deco
 
 def trainer(**switches):
-    cfg = preset(name, batch_size=bs, sample_every=0, **switches)
-    g = torch.Generator().manual_seed(0)
-    bank = ImageBank(torch.randint(0, 256, (8 * bs, 3, size, size), dtype=torch.uint8, generator=g).to(dev),
-                     torch.randint(0, 10, (8 * bs,), generator=g).to(dev), [8 * bs // 10] * 10)
-    return Trainer(cfg, tempfile.mkdtemp(), device=dev, resume=False, data=bank, quiet=True)
+    "bench.make_trainer on its synthetic data; every check lets go of it with bench._discard."
+    return make_trainer(preset(name, batch_size=bs, sample_every=0, **switches), dev)
 
 for sw in (dict(), dict(channels_last=True), dict(fused_optimizer=True), dict(tf32=True, bf16=False),
            dict(compile=True, channels_last=True, fused_optimizer=True, tf32=True)):
@@ -55,6 +52,7 @@ for sw in (dict(), dict(channels_last=True), dict(fused_optimizer=True), dict(tf
         finally:
             if not cpu: torch.cuda.set_sync_debug_mode(0)
         assert math.isfinite(parts['loss'].item())
+        _discard(t)
 
 @check("the bottleneck hook under torch.compile (Inductor)" + (' [skipped on a CPU]' if cpu else ''))
 def _():
@@ -66,6 +64,7 @@ def _():
     with BottleneckHook(t.net) as h: t.net(x0, tt, y)
     with BottleneckHook(t.model) as h0: t.model(x0, tt, y)
     torch.testing.assert_close(h.features, h0.features, atol=2e-3, rtol=2e-3)
+    _discard(t)
 
 @check("bf16 + inference-mode sampling agrees with fp32")
 def _():
@@ -73,10 +72,14 @@ def _():
     d = Diffusion(1000).to(dev)
     a = sample_grid(t.ema.module, d, range(10), 2, (3, size, size), sampler='ddim', steps=20)
     b = sample_grid(t.ema.module, d, range(10), 2, (3, size, size), sampler='ddim', steps=20, bf16=True, inference=True)
+    _discard(t)
     assert b.is_inference() and (a - b).abs().max() < 0.1, (a - b).abs().max()
 
 @check("attention runs through scaled_dot_product_attention")
-def _(): assert uses_sdpa(trainer().model)
+def _():
+    t = trainer()
+    try: assert uses_sdpa(t.model)
+    finally: _discard(t)
 
 out.mkdir(parents=True, exist_ok=True)
 (out / 'gpu_check_py.json').write_text(json.dumps({'device': dev, 'results': results}, indent=1))

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .data import finite_float, positive_int
 from .ddpm import Diffusion, ddpm_sample, ddim_sample, guided_eps
 from .train import ImageBank, Trainer, preset, build_model
 from .unet import unwrap_model
@@ -132,7 +133,7 @@ def bench_train(cases:dict, device='cpu', rounds:int=5, warmup:int=2, inner:int=
     return out
 
 # %% ../nbs/10_bench.ipynb #ff4d7d50
-SAMPLERS = {'ddpm-1000': ('ddpm', 1000), 'ddim-100': ('ddim', 100)}
+SAMPLERS = {'ddpm-1000': ('ddpm', 1000), 'ddim-100': ('ddim', 100), 'ddim-50': ('ddim', 50)}
 
 class _SampleMode:
     "bf16 autocast and/or inference mode around a sampler (both off: the samplers' own no_grad, fp32)."
@@ -369,10 +370,10 @@ def _parser():
     p.add_argument('--device', default=None, help="'cpu', 'cuda', 'cuda:1' (default: cuda if available)")
     p.add_argument('--preset', default='digits', choices=list(BENCH_PRESETS), help="model and image size: digits (tiny8 U-Net, 8x8), tiny (16x16), cifar (the paper's 35.7M U-Net, 32x32)")
     p.add_argument('--methods', default='ddpm,cbdm,t2h,coral', help="comma-separated training objectives ('' for none)")
-    p.add_argument('--batch', type=int, default=None, help="training batch (default: cifar 128 on CUDA, 4 on a CPU; digits 64; tiny 64 on a CPU, 128 on CUDA)")
-    p.add_argument('--steps', type=int, default=5, help="timed rounds; each round times every method once (x --inner steps)")
-    p.add_argument('--warmup', type=int, default=2, help="untimed steps per configuration first (compilation happens here)")
-    p.add_argument('--inner', type=int, default=None, help="consecutive steps per timed sample (default: 1 on a CPU, 5 on CUDA)")
+    p.add_argument('--batch', type=positive_int, default=None, help="training batch (default: cifar 128 on CUDA, 4 on a CPU; digits 64; tiny 64 on a CPU, 128 on CUDA)")
+    p.add_argument('--steps', type=positive_int, default=5, help="timed rounds; each round times every method once (x --inner steps)")
+    p.add_argument('--warmup', type=positive_int, default=2, help="untimed steps per configuration first (compilation happens here)")
+    p.add_argument('--inner', type=positive_int, default=None, help="consecutive steps per timed sample (default: 1 on a CPU, 5 on CUDA)")
     p.add_argument('--compile', action='store_true', help="torch.compile the U-Net (same maths, fused kernels; float rounding differs; compiling takes minutes)")
     p.add_argument('--channels-last', action='store_true', help="NHWC layout (same maths, other conv kernels; float rounding differs)")
     p.add_argument('--fused-optimizer', action='store_true', help="fused Adam kernel (same update up to float rounding)")
@@ -381,15 +382,15 @@ def _parser():
     p.add_argument('--fp32', action='store_true', help="train in float32 even where the preset says bf16 (the digits presets)")
     p.add_argument('--fast', action='store_true', help="all of --compile --channels-last --fused-optimizer --tf32 --bf16")
     p.add_argument('--baseline', action='store_true', help="also time the first method in fp32 eager without switches (this project's stand-in for the official code)")
-    p.add_argument('--samplers', default='ddpm-1000,ddim-100', help="comma-separated: ddpm-1000, ddim-100 ('' for none)")
-    p.add_argument('--sample-batch', type=int, default=None, help="images per sampler call, half of the model batch (guidance doubles it) (default: 256 on CUDA; on a CPU 10, cifar 2)")
-    p.add_argument('--sample-steps-timed', type=int, default=None, help="time only this many sampler steps and scale to the full count (default: all; cifar on a CPU: 3)")
-    p.add_argument('--sample-rounds', type=int, default=2, help="timed runs of each sampler")
+    p.add_argument('--samplers', default='ddpm-1000,ddim-100', help="comma-separated: ddpm-1000, ddim-100, ddim-50 ('' for none)")
+    p.add_argument('--sample-batch', type=positive_int, default=None, help="images per sampler call, half of the model batch (guidance doubles it) (default: 256 on CUDA; on a CPU 10, cifar 2)")
+    p.add_argument('--sample-steps-timed', type=positive_int, default=None, help="time only this many sampler steps and scale to the full count (default: all; cifar on a CPU: 3)")
+    p.add_argument('--sample-rounds', type=positive_int, default=2, help="timed runs of each sampler")
     p.add_argument('--sample-fast', action='store_true', help="also time sampling under bf16 autocast + inference mode (the U-Net's output rounded to bf16)")
     p.add_argument('--sweep', default='', help="comma-separated switches to compare one by one against fp32 eager (e.g. channels_last,fused_optimizer,compile,tf32,bf16)")
     p.add_argument('--sweep-method', default='coral', help="the method the sweep trains")
-    p.add_argument('--peak-tflops', type=float, default=None, help="the device's peak TFLOP/s (e.g. 989 for an H100/H200 dense bf16) to report the achieved share")
-    p.add_argument('--threads', type=int, default=None, help="torch CPU threads (default: torch's choice, but 1 when the load average already exceeds the cores: OpenMP threads that wait for a busy core are far slower than one thread)")
+    p.add_argument('--peak-tflops', type=finite_float, default=None, help="the device's peak TFLOP/s (e.g. 989 for an H100/H200 dense bf16) to report the achieved share")
+    p.add_argument('--threads', type=positive_int, default=None, help="torch CPU threads (default: torch's choice, but 1 when the load average already exceeds the cores: OpenMP threads that wait for a busy core are far slower than one thread)")
     p.add_argument('--json', default=None, help="write the results as JSON to this path")
     p.add_argument('--quiet', action='store_true', help="print only the table")
     return p

@@ -13,7 +13,7 @@ import torch
 from .train import (TrainConfig, PRESETS, CHOICES, preset, config_from_dict, train, load_checkpoint, sample_grid, save_grid,
                             class_labels, check_device, check_run_folder, model_from_loaded, model_from_checkpoint,
                             ConfigError, RunFolderError, NonFiniteLoss, TrainingInterrupted, _kinds)
-from .data import classes_by_frequency
+from .data import classes_by_frequency, finite_float
 from .ddpm import Diffusion
 
 # %% auto #0
@@ -132,10 +132,10 @@ def sample_cli(argv=None):
     p.add_argument('--out', help='output .png (grid, one labelled row per class) or .npz (images + labels); default <run>/samples/<sampler>.png')
     p.add_argument('--n_per_class', type=int, default=8, help='samples per class (>= 1)')
     p.add_argument('--classes', type=int, nargs='+', help='class labels to sample (default: all, head to tail)')
-    p.add_argument('--guidance', type=float, help="classifier-free guidance omega (default: the run's)")
+    p.add_argument('--guidance', type=finite_float, help="classifier-free guidance omega (default: the run's)")
     p.add_argument('--sampler', choices=['ddpm', 'ddim'], default='ddpm', help="'ddpm': ancestral, all T steps (the reference's); 'ddim': --steps steps")
     p.add_argument('--steps', type=int, default=100, help='DDIM steps, 1 to T')
-    p.add_argument('--eta', type=float, default=0.0, help='DDIM eta (0: deterministic)')
+    p.add_argument('--eta', type=finite_float, default=0.0, help='DDIM eta (0: deterministic)')
     p.add_argument('--var_type', choices=['fixedlarge', 'fixedsmall'], default='fixedlarge', help='DDPM posterior variance')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--batch_size', type=int, default=500, help='samples drawn at once (>= 1)')

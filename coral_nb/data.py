@@ -18,7 +18,8 @@ from torchvision.datasets import ImageFolder
 __all__ = ['PROFILES', 'SELECTIONS', 'KEEP_ALL', 'GROUP_COLOURS', 'IMG_EXTENSIONS', 'lt_counts', 'get_targets', 'check_labels',
            'LongTailed', 'long_tailed', 'image_transform', 'TensorImages', 'digits', 'digits_lt', 'class_groups',
            'classes_by_frequency', 'head_tail', 'plot_class_counts', 'to_image', 'show_class_grid', 'cifar', 'cifar_lt',
-           'load_image', 'image_folder', 'image_folder_lt', 'ImageList', 'data_dir', 'extract_zip', 'data_main']
+           'load_image', 'image_folder', 'image_folder_lt', 'ImageList', 'data_dir', 'extract_zip', 'finite_float',
+           'positive_int', 'data_main']
 
 # %% ../nbs/00_data.ipynb #a6e8df24
 PROFILES = ('exp', 'step')
@@ -334,6 +335,23 @@ def extract_zip(zip_path:str|Path, dest:str|Path) -> Path:
         marker.touch()
     return dest
 
+# %% ../nbs/00_data.ipynb #f1a7e001
+def finite_float(s:str) -> float:
+    "argparse type: a finite number (nan and inf are refused, naming the value)."
+    import argparse, math
+    try: v = float(s)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected a number; got {s!r}") from None
+    if not math.isfinite(v): raise argparse.ArgumentTypeError(f"expected a finite number; got {s!r}")
+    return v
+
+def positive_int(s:str) -> int:
+    "argparse type: an integer >= 1."
+    import argparse
+    try: v = int(s)
+    except ValueError: raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {s!r}") from None
+    if v < 1: raise argparse.ArgumentTypeError(f"expected an integer >= 1; got {s!r}")
+    return v
+
 # %% ../nbs/00_data.ipynb #8b554d48
 def data_main(argv:Sequence[str]|None=None):
     "Console script `coral_data`: build a long-tailed dataset, print its counts and groups, save its pictures."
@@ -341,7 +359,7 @@ def data_main(argv:Sequence[str]|None=None):
     p = argparse.ArgumentParser(prog='coral_data', description='Build a long-tailed dataset and plot it (offline by default).')
     p.add_argument('--dataset', default='digits', choices=['digits', 'cifar10', 'cifar100', 'folder'])
     p.add_argument('--root', help='dataset root (cifar10/cifar100: folder with the torchvision files; folder: root/<class>/<image>)')
-    p.add_argument('--imb_ratio', type=float, help='rho = n_min/n_max (default 0.1 for digits, 0.01 otherwise)')
+    p.add_argument('--imb_ratio', type=finite_float, help='rho = n_min/n_max (default 0.1 for digits, 0.01 otherwise)')
     p.add_argument('--profile', default='exp', choices=[*PROFILES, KEEP_ALL], help="'none': keep every image (a dataset long-tailed already)")
     p.add_argument('--selection', default='coral', choices=SELECTIONS, help="which images: coral_nb's draw or CBDM/T2H's ('cbdm')")
     p.add_argument('--seed', type=int, default=0)

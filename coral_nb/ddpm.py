@@ -364,18 +364,20 @@ def ddim_timesteps(T:int, steps:int, spacing:str='leading') -> list[int]:
 @patch
 def ddim_step(self:Diffusion, x_t:torch.Tensor, t, t_prev, eps:torch.Tensor, eta:float=0., noise:torch.Tensor|None=None,
               clip_x0:bool=False) -> torch.Tensor:
-    "One DDIM step from t to t_prev < t (t_prev = -1: to the clean image), noise scaled by eta."
+    "One DDIM step from t to t_prev < t (t_prev = -1: to the clean image), noise scaled by eta; `clip_x0`: x0-hat clipped, eps re-derived from it."
     t = self._as_t(t, x_t)
     if isinstance(t_prev, int): tp = torch.full_like(t, t_prev)  # no host-to-device copy (a sync on CUDA)
     else: tp = torch.as_tensor(t_prev).to(device=x_t.device, dtype=torch.long).expand(x_t.shape[0])
     ab_t = self._gather('alphas_bar', t, x_t)
     ab_p = torch.where(_bcast(tp, x_t) >= 0, self._gather('alphas_bar', tp.clamp(min=0), x_t), torch.ones_like(ab_t))
-    x0 = (x_t - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()
-    if clip_x0: x0 = x0.clamp(-1, 1)
+    sqrt_ab, sqrt_1m_ab = self._gather('sqrt_alphas_bar', t, x_t), self._gather('sqrt_one_minus_alphas_bar', t, x_t)
+    x0 = (x_t - sqrt_1m_ab * eps) / sqrt_ab
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+        eps = (x_t - sqrt_ab * x0) / sqrt_1m_ab   # the noise that, with the clipped x0, still makes up x_t
     sigma = eta * ((1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p)).sqrt()
     x = ab_p.sqrt() * x0 + (1 - ab_p - sigma ** 2).clamp(min=0).sqrt() * eps
     return x if noise is None else x + sigma * noise
-
 
 # %% ../nbs/01_ddpm.ipynb #a4f2a3a2
 def ddim_sample(model, diffusion:Diffusion,
@@ -388,11 +390,11 @@ def ddim_sample(model, diffusion:Diffusion,
                 progress:bool=True, # show a fastprogress bar
                 return_trajectory:bool=False, # also return every x_t visited, [steps+1, B, ...] on the CPU
                 spacing:str='leading', # which timesteps: 'leading', 'trailing' or 'linspace'
-                clip_x0:bool=False, # clip predicted x_0 to [-1, 1] at every step
+                clip_x0:bool=True, # clip predicted x_0 to [-1, 1] at every step and re-derive the noise from it
                 device=None, # default: the model's device
                ):
     "DDIM sampling in `steps` steps. Returns samples clipped to [-1, 1] (and the trajectory)."
-    if eta < 0: raise ValueError(f"eta must be >= 0; got {eta}")
+    if not (eta >= 0 and math.isfinite(eta)): raise ValueError(f"eta must be a finite number >= 0; got {eta}")
     ts = ddim_timesteps(diffusion.T, steps, spacing)
     device, y, n, full, generator = _sampling_setup(model, diffusion, y, shape, generator, device)
     x = _randn(full, generator, device)
@@ -407,4 +409,3 @@ def ddim_sample(model, diffusion:Diffusion,
             if return_trajectory: traj.append(x)
     out = x.clamp(-1, 1)
     return (out, torch.stack(traj).cpu()) if return_trajectory else out
-

@@ -14,21 +14,22 @@ from torch import nn
 import torch.nn.functional as F
 
 import coral_nb
-from .data import digits, image_folder, data_dir, class_groups, head_tail, classes_by_frequency, to_image
+from .data import digits, image_folder, data_dir, class_groups, head_tail, classes_by_frequency, to_image, finite_float, positive_int
 from .ddpm import Diffusion, ddpm_sample, ddim_sample
 from .train import load_checkpoint, check_device, model_from_loaded, load_training_data, ImageBank
 
 # %% auto #0
-__all__ = ['OFFLINE_EXTRACTOR', 'INCEPTION', 'INCEPTION_FILE', 'GROUP_KEYS', 'EXTRACTORS', 'EvalError', 'frechet_distance',
-           'gaussian_stats', 'frechet_features', 'knn_radii', 'precision_recall', 'prd_curve', 'f_beta',
-           'cluster_histograms', 'prd', 'prd_scores', 'SmallCNN', 'CoralCNNExtractor', 'register_offline_extractor',
-           'cache_dir', 'sha256_file', 'to_uint8', 'reference_data', 'train_classifier', 'classifier_accuracy',
-           'Extractor', 'offline_extractor', 'inception_weights_path', 'inception_extractor', 'ReferenceStats',
-           'reference_stats', 'lpips_model', 'lpips_diversity', 'pairwise_diversity', 'checkpoint_file', 'load_run',
-           'generate', 'load_samples', 'default_thresholds', 'aggregate_groups', 'score_samples', 'git_commit',
-           'resolve_extractor', 'evaluate_run', 'per_class_table', 'group_table', 'markdown_report', 'eval_cli',
-           'plot_vs_class_size', 'compare_runs', 'plot_comparison', 'guidance_sweep', 'plot_guidance_sweep',
-           'nearest_training', 'borrow_copy_stats', 'show_nearest']
+__all__ = ['OFFLINE_EXTRACTOR', 'INCEPTION', 'INCEPTION_FILE', 'VALIDITY_REASONS', 'GROUP_KEYS', 'EXTRACTORS', 'EvalError',
+           'frechet_distance', 'gaussian_stats', 'frechet_features', 'knn_radii', 'precision_recall', 'prd_curve',
+           'f_beta', 'cluster_histograms', 'prd', 'prd_scores', 'SmallCNN', 'CoralCNNExtractor',
+           'register_offline_extractor', 'cache_dir', 'sha256_file', 'to_uint8', 'reference_data', 'train_classifier',
+           'classifier_accuracy', 'Extractor', 'offline_extractor', 'inception_weights_path', 'inception_extractor',
+           'ReferenceStats', 'reference_stats', 'lpips_model', 'lpips_diversity', 'pairwise_diversity',
+           'sample_validity', 'validity_report', 'checkpoint_file', 'load_run', 'generate', 'load_samples',
+           'default_thresholds', 'aggregate_groups', 'score_samples', 'git_commit', 'resolve_extractor', 'evaluate_run',
+           'per_class_table', 'group_table', 'markdown_report', 'eval_cli', 'plot_vs_class_size', 'compare_runs',
+           'plot_comparison', 'guidance_sweep', 'plot_guidance_sweep', 'nearest_training', 'borrow_copy_stats',
+           'show_nearest']
 
 # %% ../nbs/06_eval.ipynb #8e616312
 class EvalError(ValueError):
@@ -442,6 +443,52 @@ def pairwise_diversity(feats) -> float:
     d = torch.pdist(f)
     return d.mean().item()
 
+# %% ../nbs/06_eval.ipynb #b7e1a001
+def _as_float(x:torch.Tensor) -> torch.Tensor:
+    "uint8 images -> float in [-1, 1]; float images unchanged (as float32)."
+    return x.float() / 127.5 - 1 if x.dtype == torch.uint8 else x.float()
+
+def _nn_dist(q:torch.Tensor, ref:torch.Tensor, chunk:int=2048, leave_one_out:bool=False) -> torch.Tensor:
+    "Distance of each row of q to its nearest row of ref (to the nearest other row when q is ref)."
+    out = []
+    for i in range(0, len(q), chunk):
+        d = torch.cdist(q[i:i + chunk], ref)
+        if leave_one_out: d[torch.arange(len(d)), torch.arange(i, i + len(d))] = float('inf')
+        out.append(d.min(1).values)
+    return torch.cat(out)
+
+VALIDITY_REASONS = ('nonfinite', 'colour', 'far_pixels', 'far_features')
+
+def sample_validity(images:torch.Tensor, # samples [N, C, H, W]: float in [-1, 1] (may hold NaN) or uint8
+                    reference:torch.Tensor, # real images, same layout
+                    feats=None, ref_feats=None, # optional features of both, for the feature-space test
+                    colour_tol:float=0.1, margin:float=1.5, quantile:float=0.999, max_ref:int=10_000, seed:int=0) -> dict:
+    "Flag samples that look like no data: non-finite, colour where the reference is grey, far from every reference image (pixels, features)."
+    x, ref = _as_float(images), _as_float(reference)
+    if x.shape[1:] != ref.shape[1:]: raise EvalError(f"samples {tuple(x.shape[1:])} and reference images {tuple(ref.shape[1:])} differ in shape")
+    if len(ref) > max_ref: ref = ref[torch.randperm(len(ref), generator=torch.Generator().manual_seed(seed))[:max_ref]]
+    n, flags, thresholds = len(x), {}, {}
+    flags['nonfinite'] = ~torch.isfinite(x).flatten(1).all(1)
+    x = torch.nan_to_num(x, nan=0., posinf=1., neginf=-1.)
+    grey = ref.shape[1] > 1 and bool(((ref.amax(1) - ref.amin(1)).abs().max() < 1e-3))
+    flags['colour'] = (x.amax(1) - x.amin(1)).mean((1, 2)) > colour_tol if grey else torch.zeros(n, dtype=torch.bool)
+    scale = x[0].numel() ** 0.5   # distances as root-mean-square per pixel
+    thresholds['far_pixels'] = margin * _nn_dist(ref.flatten(1), ref.flatten(1), leave_one_out=True).quantile(quantile).item() / scale
+    flags['far_pixels'] = _nn_dist(x.flatten(1), ref.flatten(1)) / scale > thresholds['far_pixels']
+    if feats is not None and ref_feats is not None:
+        f, rf = torch.as_tensor(feats).float(), torch.as_tensor(ref_feats).float()
+        if len(rf) > max_ref: rf = rf[torch.randperm(len(rf), generator=torch.Generator().manual_seed(seed))[:max_ref]]
+        thresholds['far_features'] = margin * _nn_dist(rf, rf, leave_one_out=True).quantile(quantile).item()
+        flags['far_features'] = _nn_dist(torch.nan_to_num(f), rf) > thresholds['far_features']
+    flagged = torch.stack(list(flags.values())).any(0)
+    return dict(n=n, n_nonfinite=int(flags['nonfinite'].sum()), n_flagged=int(flagged.sum()), flagged_fraction=float(flagged.float().mean()) if n else 0.,
+                counts={k: int(v.sum()) for k, v in flags.items()}, reference_grey=grey, thresholds=thresholds,
+                settings=dict(colour_tol=colour_tol, margin=margin, quantile=quantile, n_reference=len(ref)), flagged=flagged)
+
+def validity_report(v:dict) -> dict:
+    "`sample_validity`'s result without the per-sample mask: what a result file keeps."
+    return {k: val for k, val in v.items() if k != 'flagged'}
+
 # %% ../nbs/06_eval.ipynb #a023a7a6
 def _interactive() -> bool:
     "A notebook or a terminal, where a progress bar helps."
@@ -489,6 +536,7 @@ def generate(run, # run folder / checkpoint path, or a dict from `load_run`
     r = run if isinstance(run, dict) else load_run(run, ema, device)
     model, cfg = r['model'].to(device), r['cfg']
     omega = cfg.guidance if guidance is None else float(guidance)
+    if not math.isfinite(omega): raise EvalError(f"guidance must be a finite number; got {omega}")
     labels = _labels_for(len(r['class_counts']), n_per_class, n_total, seed)
     settings = dict(checkpoint_sha256=r['checkpoint_sha256'], step=r['step'], ema=r['ema'], sampler=sampler,
                     steps=cfg.T if sampler == 'ddpm' else steps, eta=eta if sampler == 'ddim' else None,
@@ -519,6 +567,8 @@ def generate(run, # run folder / checkpoint path, or a dict from `load_run`
         for yb in ys.split(batch_size):
             if sampler == 'ddim': x = ddim_sample(model, diffusion, yb, shape, steps=steps, eta=eta, guidance=omega, generator=g, progress=False)
             else: x = ddpm_sample(model, diffusion, yb, shape, guidance=omega, var_type=var_type, generator=g, progress=False)
+            bad = (~torch.isfinite(x).flatten(1).all(1)).sum().item()
+            if bad: raise EvalError(f"{bad} of {len(x)} samples (shard {s}) are not finite (NaN or inf) at guidance {omega}: refused before scoring")
             xs.append(to_uint8(x).cpu())
         arr = torch.cat(xs).numpy()
         _write_atomic(out / f'shard_{s:05d}.npz', lambda p: np.savez(open(p, 'wb'), images=arr, labels=ys.cpu().numpy()))
@@ -540,7 +590,7 @@ def load_samples(folder) -> tuple[torch.Tensor, torch.Tensor, dict]:
     return torch.cat(xs), torch.cat(ys), m['settings']
 
 # %% ../nbs/06_eval.ipynb #dd33b0ff
-GROUP_KEYS = ('fd', 'precision', 'recall', 'consistency', 'diversity', 'rel_diversity', 'lpips')
+GROUP_KEYS = ('fd', 'precision', 'recall', 'consistency', 'diversity', 'rel_diversity', 'lpips', 'flagged')
 
 def default_thresholds(dataset:str) -> tuple[int, int]:
     "(many, few) class-size thresholds of the many/medium/few groups: (50, 20) for digits, (100, 20) otherwise."
@@ -562,8 +612,8 @@ def aggregate_groups(per_class:list[dict], groups:dict[str, list[int]], keys=GRO
 # %% ../nbs/06_eval.ipynb #4484e27b
 def score_samples(images:torch.Tensor, labels:torch.Tensor, ref:ReferenceStats, extractor:Extractor, class_counts,
                   classes=None, k:int=3, lpips=None, lpips_pairs:int=100, many:int=50, few:int=20, prd_runs:int=10,
-                  kid_subsets:int=100, seed:int=0, batch_size:int=256) -> dict:
-    "Every metric of uint8 `images` with class `labels` against the reference: {'metrics', 'per_class', 'groups'}."
+                  kid_subsets:int=100, seed:int=0, batch_size:int=256, ref_images:torch.Tensor|None=None) -> dict:
+    "Every metric of uint8 `images` with class `labels` against the reference: {'metrics', 'per_class', 'groups', 'validity'}."
     from torch_fidelity.metric_kid import kid_features_to_metric
     from torch_fidelity.metric_isc import isc_features_to_metric
     labels = torch.as_tensor(labels).long().cpu()
@@ -575,6 +625,9 @@ def score_samples(images:torch.Tensor, labels:torch.Tensor, ref:ReferenceStats, 
     n, n_ref = len(fake), len(reff)
     if n <= k: raise EvalError(f"{n} samples are too few: precision/recall with k={k} needs more than {k}")
     mu, sigma = gaussian_stats(fake)
+    # validity: against the reference images when given (pixels and colour), always in feature space
+    valid = sample_validity(images, ref_images, fake, reff) if ref_images is not None else None
+    flagged = valid['flagged'] if valid is not None else torch.zeros(len(labels), dtype=torch.bool)
     m = dict(extractor=extractor.name, n=n, n_reference=n_ref, fd=frechet_distance(mu, sigma, ref.mu, ref.sigma))
     sub = min(1000, n, n_ref)
     kid = kid_features_to_metric(fake.float(), reff.float(), kid_subsets=kid_subsets, kid_subset_size=sub, verbose=False, rng_seed=seed)
@@ -586,7 +639,8 @@ def score_samples(images:torch.Tensor, labels:torch.Tensor, ref:ReferenceStats, 
     m.update(prd_scores(reff, fake, num_runs=prd_runs, seed=seed) if min(n, n_ref) >= 20 else dict(f8=None, f1_8=None))
     offline = extractor.info.get('kind') == 'offline'
     pred = logits.argmax(1) if (logits is not None and offline) else None
-    m['consistency'] = (pred == labels).double().mean().item() if pred is not None else None
+    hit = (pred == labels) & ~flagged if pred is not None else None   # a flagged sample never counts as its class
+    m['consistency'] = hit.double().mean().item() if pred is not None else None
     groups = {**class_groups(class_counts, many, few), **head_tail(class_counts)}
     group_of = {c: g for g in ('many', 'medium', 'few') for c in groups[g]}
     per_class = []
@@ -598,7 +652,8 @@ def score_samples(images:torch.Tensor, labels:torch.Tensor, ref:ReferenceStats, 
         ok2 = len(fc) >= 2 and len(rc) >= 2
         r['fd'] = frechet_features(fc, rc) if ok2 else None
         r['precision'], r['recall'] = precision_recall(rc, fc, k) if min(len(fc), len(rc)) > k else (None, None)
-        r['consistency'] = (pred[mask] == c).double().mean().item() if pred is not None and len(fc) else None
+        r['consistency'] = hit[mask].double().mean().item() if pred is not None and len(fc) else None
+        r['flagged'] = flagged[mask].double().mean().item() if len(fc) else None
         r['diversity'] = pairwise_diversity(fc) if len(fc) >= 2 else None
         r['rel_diversity'] = r['diversity'] / pairwise_diversity(rc) if ok2 else None
         r['lpips'] = lpips_diversity(images[mask], lpips, lpips_pairs, seed=seed) if lpips is not None and len(fc) >= 2 else None
@@ -610,20 +665,20 @@ def score_samples(images:torch.Tensor, labels:torch.Tensor, ref:ReferenceStats, 
     for g, cs in groups.items():   # pooled Fréchet distance of the group (the paper's tail FID)
         fm, rm = torch.isin(labels, torch.tensor(cs)), np.isin(ref.labels, cs)
         agg[g]['fd'] = frechet_features(fake[fm], ref.feats[rm]) if cs and fm.sum() >= 2 else None
-    return dict(metrics=m, per_class=per_class, groups=agg)
+    return dict(metrics=m, per_class=per_class, groups=agg, validity=validity_report(valid) if valid is not None else None)
 
 # %% ../nbs/06_eval.ipynb #f8e3fcea
 EXTRACTORS = ('auto', 'offline', 'inception')
 
 def git_commit() -> str|None:
-    "The git commit of the coral_nb checkout (with '-dirty' if it has uncommitted changes), or None outside git."
+    "The git commit of the coral_nb checkout (with '-dirty' if it has uncommitted changes); outside git, $CORAL_NB_GIT_COMMIT (a copied checkout) or None."
     where = Path(coral_nb.__file__).resolve().parent
     try:
         sha = subprocess.run(['git', '-C', str(where), 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=10)
-        if sha.returncode: return None
+        if sha.returncode: return os.environ.get('CORAL_NB_GIT_COMMIT')
         dirty = subprocess.run(['git', '-C', str(where), 'status', '--porcelain', '--untracked-files=no'], capture_output=True, text=True, timeout=10)
         return sha.stdout.strip() + ('-dirty' if dirty.stdout.strip() else '')
-    except (OSError, subprocess.SubprocessError): return None
+    except (OSError, subprocess.SubprocessError): return os.environ.get('CORAL_NB_GIT_COMMIT')
 
 def resolve_extractor(name:str, dataset:str, size:int, channels:int=3, root=None, cache=None, device='cpu', quiet:bool=False) -> Extractor:
     "'offline' (coral_nb's CNN), 'inception' (torch-fidelity's inception-v3-compat) or 'auto' (Inception when its weights are already local and the data are not digits)."
@@ -675,8 +730,9 @@ def evaluate_run(run, n_per_class:int|None=50, n_total:int|None=None, tag:str|No
     lp_kind = ('alex' if kind == 'inception' else 'random') if lpips == 'auto' else lpips
     lp = None if lp_kind == 'off' else lpips_model(lp_kind == 'alex', device)
     mny, fw = default_thresholds(cfg.dataset)
+    ref_images = reference_data(cfg.dataset, cfg.img_size, cfg.channels, ref_root)[0]
     res = score_samples(images, labels, ref, ext, r['class_counts'], r['classes'], k, lp, lpips_pairs,
-                        many or mny, few or fw, prd_runs, seed=seed)
+                        many or mny, few or fw, prd_runs, seed=seed, ref_images=ref_images)
     res['provenance'] = dict(
         run=str(Path(run).resolve()), checkpoint=r['checkpoint'], checkpoint_sha256=r['checkpoint_sha256'], step=r['step'],
         weights='ema' if ema else 'raw', method=cfg.method, dataset=cfg.dataset, img_size=cfg.img_size, imb_ratio=cfg.imb_ratio,
@@ -717,6 +773,11 @@ def _md(df, floatfmt='{:.4g}') -> str:
     for i, row in df.iterrows(): lines.append('| ' + ' | '.join([str(i)] + [fmt(v) for v in row.tolist()]) + ' |')
     return '\n'.join(lines)
 
+def _validity_md(v:dict|None) -> str:
+    if not v: return 'not measured'
+    return (f"{v['n_flagged']} of {v['n']} samples flagged ({100 * v['flagged_fraction']:.1f}%): "
+            + ', '.join(f'{k} {n}' for k, n in v['counts'].items()) + '. Class consistency counts no flagged sample.')
+
 def markdown_report(res:dict) -> str:
     "The markdown file written beside each result JSON."
     import pandas as pd
@@ -731,7 +792,7 @@ def markdown_report(res:dict) -> str:
         f"{p['n_samples']} samples, {p['sampler']} {p['sampler_steps']} steps, guidance {p['guidance']}, seed {p['seed']}. "
         f"Extractor **{ext['name']}**{warn}; reference `{p['reference']['name']}` (sha256 {p['reference']['sha256'][:12]}); "
         f"LPIPS {p['lpips']}; checkpoint sha256 {p['checkpoint_sha256'][:12]}; coral_nb {p['coral_nb_version']}, commit {p['git_commit']}.",
-        '## Overall', _md(overall), '## Groups', _md(group_table(res)),
+        '## Validity', _validity_md(res.get('validity')), '## Overall', _md(overall), '## Groups', _md(group_table(res)),
         '## Per class', _md(per_class_table(res).drop(columns=['n_reference']))]) + '\n'
 
 # %% ../nbs/06_eval.ipynb #1d806db5
@@ -747,7 +808,7 @@ def eval_cli(argv=None):
     p.add_argument('--n_total', type=int, help='instead: this many samples with uniformly drawn labels (the official sampler)')
     p.add_argument('--tag', help='name of the result files and sample folder (default: from the settings)')
     p.add_argument('--extractor', default='auto', help="'auto' (default), 'offline' (coral_nb CNN) or 'inception' (torch-fidelity inception-v3-compat; downloads weights)")
-    p.add_argument('--guidance', type=float, help="classifier-free guidance omega (default: the run's)")
+    p.add_argument('--guidance', type=finite_float, help="classifier-free guidance omega (default: the run's)")
     p.add_argument('--sampler', default='ddim', help="'ddim' (default) or 'ddpm' (ancestral, all T steps: the paper's)")
     p.add_argument('--steps', type=int, default=50, help='DDIM steps (default 50)')
     p.add_argument('--seed', type=int, default=0)
@@ -788,6 +849,7 @@ def eval_cli(argv=None):
     print(f"{p_['method']} on {p_['dataset']}, step {p_['step']} ({p_['weights']}), {p_['n_samples']} samples, {p_['sampler']} {p_['sampler_steps']} steps, "
           f"guidance {p_['guidance']}; extractor {m['extractor']}")
     fmt = lambda v: 'n/a' if v is None else f'{v:.4g}'
+    print('validity: ' + _validity_md(res.get('validity')))
     print('overall: ' + '  '.join(f"{k} {fmt(m.get(k))}" for k in ('fd', 'kd', 'is', 'precision', 'recall', 'f8', 'f1_8', 'consistency', 'lpips')))
     print(group_table(res).drop(columns=['classes']).round(4).to_string())
     print(f"wrote {eval_dir / (p_['tag'] + '.json')} and {eval_dir / (p_['tag'] + '.md')} in {time.time() - t0:.0f} s")

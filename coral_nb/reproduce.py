@@ -6,10 +6,11 @@
 __all__ = ['GPU_FP32_TFLOPS', 'PAPER_RESULTS', 'PAPER_COLUMNS', 'STUDY_SCALES', 'SAVED_GROUP_KEYS', 'SAVED_CLASS_KEYS',
            'OVERALL_KEYS', 'OVERLAP_FRAC', 'OVERLAP_K', 'STUDY_KEYS', 'MEASURES', 'LOWER_IS_BETTER', 'NO_BETTER',
            'METHOD_COLOURS', 'preset_table', 'paper_command', 'eval_command', 'bench_costs', 'wall_time_estimate',
-           'measured_wall_time', 'setting_of', 'paper_table', 'study_config', 'study_name', 'balanced_test_set',
-           'overlap_at', 'loss_curve', 'final_loss', 'run_study', 'load_study', 'variant', 'study_frame',
-           'seed_summary', 'mean_sd_table', 'paired_difference', 'difference_table', 'plot_seeds', 'plot_sweep',
-           'side_by_side', 'tail_first', 'study_grid']
+           'measured_wall_time', 'setting_of', 'paper_table', 'study_config', 'study_name', 'lt_subset_folder',
+           'balanced_folder', 'cifar_study_data', 'cifar_study_jobs', 'balanced_test_set', 'overlap_at', 'loss_curve',
+           'final_loss', 'run_study', 'load_study', 'variant', 'study_frame', 'seed_summary', 'mean_sd_table',
+           'paired_difference', 'difference_table', 'plot_seeds', 'plot_sweep', 'side_by_side', 'tail_first',
+           'study_grid', 'digits_study_jobs', 'run_study_job']
 
 # %% ../nbs/08_reproduce.ipynb #d7db184f
 import json, os, platform, time
@@ -21,7 +22,8 @@ from .data import digits, image_folder, head_tail, classes_by_frequency
 from .coral import METHODS
 from .train import Trainer, TrainConfig, preset, PRESETS, PAPER_SETTINGS, OWN_EVALUATION, model_from_checkpoint
 from .eval import evaluate_run, git_commit, _write_atomic
-from .latents import official_features, overlap_summary, read_metrics, logged_seconds
+from .train import load_training_data
+from .latents import official_features, overlap_summary, read_metrics, logged_seconds, balanced_like
 
 # %% ../nbs/08_reproduce.ipynb #9ea5fb66
 def preset_table(settings=tuple(PAPER_SETTINGS)):
@@ -117,9 +119,15 @@ def paper_table(results=()):
 STUDY_SCALES = {  # scale: the preset each method starts from, what the study changes, and how it is evaluated
     'digits': dict(preset='digits_{method}', dataset='digits-lt-0.1-8px', n_per_class=50, overlap_per_class=30,
                    overrides=dict(sample_every=0)),
+    # CIFAR scales train on the preset's own long-tailed subset, written out as a folder (`lt_subset_folder`) and kept whole
     'cifar16': dict(preset='cifar10_lt_0.01_{method}', dataset='cifar10-lt-0.01-16px-jpeg', n_per_class=100, overlap_per_class=100,
-                    overrides=dict(dataset='folder', img_size=16, model='tiny', dropout=0., steps=6000, batch_size=64, lr=1e-3,
-                                   warmup=200, ema_decay=0.999, ema_warmup=True, sample_every=0, ckpt_every=500)),
+                    overrides=dict(dataset='folder', lt_profile='none', img_size=16, model='tiny', dropout=0., steps=6000, batch_size=64,
+                                   lr=1e-3, warmup=200, ema_decay=0.999, ema_warmup=True, sample_every=0, ckpt_every=500)),
+    # the paper's CIFAR settings at 32x32 on a GPU, but a U-Net of half the width, fewer steps (set per run), a warm-up and an
+    # EMA scaled to them, and bf16 autocast with TF32 and channels-last: what fits a few minutes of one H200
+    'cifar32': dict(preset='cifar10_lt_0.01_{method}', dataset='cifar10-lt-0.01-32px-jpeg', n_per_class=100, overlap_per_class=100,
+                    overrides=dict(dataset='folder', lt_profile='none', model='cifar_ch64', warmup=300, ema_decay=0.999, ema_warmup=True,
+                                   bf16=True, tf32=True, channels_last=True, sample_every=0, ckpt_every=1000)),
 }
 
 def study_config(scale:str, method:str, seed:int=0, root=None, **overrides) -> TrainConfig:
@@ -133,6 +141,44 @@ def study_config(scale:str, method:str, seed:int=0, root=None, **overrides) -> T
 def study_name(scale:str, method:str, seed:int, **tags) -> str:
     "A run's file name: scale, method, seed and what else sets it apart (`w`, `steps`, `data`)."
     return f"{scale}_{method}_s{seed}" + ''.join(f"_{k}{v}" for k, v in tags.items())
+
+# %% ../nbs/08_reproduce.ipynb #c8a0b001
+def lt_subset_folder(cfg:TrainConfig, dst) -> Path:
+    "Copy the images of `cfg`'s long-tailed draw (a 'folder' dataset) into dst/<class>/; returns dst. Existing files are kept."
+    import shutil
+    lt = load_training_data(cfg)
+    base = lt.dataset
+    dst = Path(dst)
+    for i in np.asarray(lt.indices):
+        src, y = base.samples[int(i)]
+        out = dst / base.classes[y] / Path(src).name
+        if not out.is_file(): out.parent.mkdir(parents=True, exist_ok=True); shutil.copyfile(src, out)
+    return dst
+
+def balanced_folder(src, dst, n_per_class:int) -> Path:
+    "Copy the first `n_per_class` images (by name) of every class folder of `src` into `dst`; returns dst."
+    import shutil
+    src, dst = Path(src), Path(dst)
+    for cdir in sorted(p for p in src.iterdir() if p.is_dir()):
+        files = sorted(f for f in cdir.iterdir() if f.is_file())[:n_per_class]
+        if len(files) < n_per_class: raise ValueError(f"{cdir} holds {len(files)} images; {n_per_class} asked for")
+        (dst / cdir.name).mkdir(parents=True, exist_ok=True)
+        for f in files:
+            if not (dst / cdir.name / f.name).is_file(): shutil.copyfile(f, dst / cdir.name / f.name)
+    return dst
+
+# %% ../nbs/08_reproduce.ipynb #c8a0b004
+def cifar_study_data(jpeg_root, dst, n_reference:int=1500, n_test:int=300) -> dict:
+    "The folders a CIFAR study run reads, from the JPEG copy's train/ and test/: the preset's long-tailed subset, reference and held-out images."
+    jpeg_root, dst = Path(jpeg_root), Path(dst)
+    cfg = preset('cifar10_lt_0.01_ddpm', dataset='folder', root=str(jpeg_root / 'train'))   # CBDM's draw, data seed 0
+    return dict(lt=lt_subset_folder(cfg, dst / 'lt'), train=balanced_folder(jpeg_root / 'train', dst / 'train', n_reference),
+                test=balanced_folder(jpeg_root / 'test', dst / 'test', n_test))
+
+def cifar_study_jobs(scale:str, data:dict, methods=('ddpm', 'coral'), seeds=(0, 1, 2), **overrides) -> list[dict]:
+    "The CIFAR runs of the study at `scale` ('cifar16' or 'cifar32') on the folders of `cifar_study_data`."
+    return [dict(cfg=study_config(scale, m, s, root=data['lt'], **overrides), name=study_name(scale, m, s), scale=scale,
+                 eval_root=data['train'], test_root=data['test']) for s in seeds for m in methods]
 
 # %% ../nbs/08_reproduce.ipynb #54032fd9
 def balanced_test_set(cfg:TrainConfig, n_per_class:int, test_root=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,13 +244,14 @@ def run_study(cfg:TrainConfig, name:str, runs_dir, out_dir, scale:str, data=None
     overlap = overlap_at(trainer.ema.module.eval(), x, y, ht['head'], ht['tail'], OVERLAP_FRAC, OVERLAP_K, device=device)
     metrics = read_metrics(run)
     groups = {g: {k: _r(v.get(k)) for k in SAVED_GROUP_KEYS} | {'classes': v['classes']} for g, v in ev['groups'].items()}
-    rec = dict(method=cfg.method, seed=cfg.seed, dataset=sc['dataset'], steps=ev['provenance']['step'], scale=scale, name=name,
-               metrics=dict(overall={k: _r(ev['metrics'].get(k)) for k in OVERALL_KEYS}, groups=groups, overlap=overlap,
+    rec = dict(method=cfg.method, seed=cfg.seed, dataset=sc['dataset'], steps=ev['provenance']['step'], scale=scale, name=name, validity=ev.get('validity'),
+               metrics=dict(overall={k: _r(ev['metrics'].get(k)) for k in OVERALL_KEYS}, groups=groups, overlap=overlap, validity=ev.get('validity'),
                             final_diffusion_loss=_r(final_loss(metrics))),
                per_class=[{k: (_r(r[k]) if isinstance(r[k], float) else r[k]) for k in SAVED_CLASS_KEYS} for r in ev['per_class']],
                loss_curve=loss_curve(metrics),
                provenance=dict(config=asdict(cfg), class_counts=list(counts), head=ht['head'], tail=ht['tail'], note=note,
-                               coral_nb_version=coral_nb.__version__, git_commit=git_commit(), torch=torch.__version__, device=str(device),
+                               coral_nb_version=coral_nb.__version__, git_commit=git_commit(), torch=torch.__version__, device=str(device), cuda=torch.version.cuda,
+                               device_name=torch.cuda.get_device_name(device) if torch.device(device).type == 'cuda' else None,
                                machine=platform.processor() or platform.machine(), threads=torch.get_num_threads(), cpu_count=os.cpu_count(),
                                train_seconds_logged=round(logged_seconds(metrics, cfg.batch_size), 1), train_wall_seconds_this_call=round(train_wall, 1),
                                checkpoint_sha256=ev['provenance']['checkpoint_sha256'], weights=ev['provenance']['weights'],
@@ -350,3 +397,24 @@ def study_grid(run, classes, n_per_class:int=8, sampler:str='ddim', steps:int=50
                     cfg.guidance, sampler, steps, seed=seed)
     names = [f"{r['classes'][c]} ({r['class_counts'][c]})" for c in classes]
     return grid_image(x, n_per_class, names)
+
+# %% ../nbs/08_reproduce.ipynb #02c1c668
+def digits_study_jobs(methods=('ddpm', 'cbdm', 't2h', 'coral'), seeds=(0, 1, 2)) -> list[dict]:
+    "Every run of the digits study as `run_study` keyword arguments: methods x seeds, CORAL's w sweep, training length, relative imbalance."
+    jobs = [dict(cfg=study_config('digits', m, s), name=study_name('digits', m, s)) for s in seeds for m in methods]
+    jobs += [dict(cfg=study_config('digits', 'coral', 0, w=w), name=study_name('digits', 'coral', 0, w=w)) for w in (0.2, 0.5, 1.0, 2.0, 5.0, 20.0)]
+    for m in ('ddpm', 'coral'):   # training length: one run folder extended step by step (1,500 steps is the plain run)
+        jobs.append([dict(cfg=study_config('digits', m, 0, steps=st), name=study_name('digits', m, 0, steps=st), run_name=f'digits_{m}_s0_chain')
+                     for st in (500, 4000)])
+    jobs += [dict(cfg=study_config('digits', 'ddpm', s), name=study_name('digits', 'ddpm', s, data='balanced14'), balanced=True) for s in seeds]
+    return jobs   # a list inside the list: runs that share a folder, in order
+
+def run_study_job(job:dict, runs_dir, out_dir, device='cpu', **kw) -> dict:
+    "One job of `digits_study_jobs` (or a CIFAR job): builds the relative-imbalance data where asked, then `run_study`."
+    job, data, note = dict(job), None, None
+    if job.pop('balanced', False):   # every class as small as the rarest, which keeps its very images
+        lt = load_training_data(job['cfg'])
+        data, _ = balanced_like(lt, min(lt.class_counts))
+        note = (f"relative imbalance: balanced_like(digits_lt(0.1, seed={job['cfg'].seed}), {min(lt.class_counts)}): "
+                "every class keeps as many images as the smallest, class 9 its very images")
+    return run_study(job.pop('cfg'), job.pop('name'), runs_dir, out_dir, job.pop('scale', 'digits'), data=data, device=device, note=note, **job, **kw)

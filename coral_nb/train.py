@@ -101,7 +101,7 @@ CHOICES = {  # the fields that take one of a few names
     'dataset': ('digits', 'cifar10', 'cifar100', 'folder', 'imagenet_lt'),
     'lt_profile': (*PROFILES, KEEP_ALL),
     'lt_selection': SELECTIONS,
-    'model': ('tiny8', 'tiny', 'cifar', '64'),
+    'model': ('tiny8', 'tiny', 'cifar', '64', 'cifar_ch64'),
     'method': tuple(METHODS),
     'drop_mode': ('sample', 'batch'),
     'weighting': ('sample', 'batch'),
@@ -287,7 +287,8 @@ def load_training_data(cfg:TrainConfig):
         return ds
     raise ValueError(f"unknown dataset {cfg.dataset!r}; valid: {', '.join(CHOICES['dataset'])}")
 
-MODELS = {'tiny': unet_tiny, 'tiny8': partial(unet_tiny, ch_mult=(1, 2)), 'cifar': unet_cifar, '64': unet_64}
+MODELS = {'tiny': unet_tiny, 'tiny8': partial(unet_tiny, ch_mult=(1, 2)), 'cifar': unet_cifar, '64': unet_64,
+          'cifar_ch64': partial(unet_cifar, ch=64)}   # the CIFAR U-Net at half width (about a quarter of the compute)
 
 def build_model(cfg:TrainConfig, num_classes:int) -> nn.Module:
     "The U-Net preset named by `cfg.model`, conditional on `num_classes` classes."
