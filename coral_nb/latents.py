@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_latents.ipynb #b688e270
 from __future__ import annotations
-import json, subprocess, time, platform
+import json, re, subprocess, time, platform
 from pathlib import Path
 
 import numpy as np
