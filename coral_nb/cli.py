@@ -89,6 +89,7 @@ def _resume_command(argv) -> str:
     "The command line that continues an interrupted run (as given, less the options that refuse or replace it)."
     return shlex.join(['coral_train', *[x for x in argv if x not in ('--no-resume', '--overwrite')]])
 
+# %% ../nbs/09_cli.ipynb #1321ff41
 def train_cli(argv=None):
     "Console script `coral_train`: train a preset (default: CORAL on the offline digits) and say where the results are."
     argv = sys.argv[1:] if argv is None else list(argv)

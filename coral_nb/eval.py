@@ -522,6 +522,7 @@ def load_run(run, ema:bool=True, device='cpu') -> dict:
     return dict(model=model, cfg=cfg, class_counts=list(counts), classes=list(classes), step=int(ck['step']),
                 checkpoint=str(ck_path.resolve()), checkpoint_sha256=sha256_file(ck_path), ema=ema)
 
+# %% ../nbs/06_eval.ipynb #47c40593
 def generate(run, # run folder / checkpoint path, or a dict from `load_run`
              out, # sample folder (shards + manifest.json)
              n_per_class:int|None=None, n_total:int|None=None, guidance:float|None=None, # None: the run's omega
@@ -577,6 +578,7 @@ def generate(run, # run folder / checkpoint path, or a dict from `load_run`
     _write_atomic(man, lambda p: p.write_text(json.dumps(m, indent=1)))   # a kill mid-write never leaves a manifest that resuming cannot read
     return out
 
+# %% ../nbs/06_eval.ipynb #5cc1d8a7
 def load_samples(folder) -> tuple[torch.Tensor, torch.Tensor, dict]:
     "All samples of a complete sample folder: uint8 images [N, 3, H, W], labels [N], and the generation settings."
     folder = Path(folder)
@@ -695,6 +697,7 @@ def _tag(ema, sampler, steps, omega, n_per_class, n_total, seed, kind):
     n = f'n{n_per_class}pc' if n_per_class is not None else f'n{n_total}'
     return f"{'ema' if ema else 'raw'}_{sampler}{steps}_w{omega:g}_{n}_s{seed}_{kind}"
 
+# %% ../nbs/06_eval.ipynb #c2d31975
 def evaluate_run(run, n_per_class:int|None=50, n_total:int|None=None, tag:str|None=None, extractor:str='auto',
                  guidance:float|None=None, sampler:str='ddim', steps:int=50, seed:int=0, ema:bool=True, k:int=3,
                  lpips:str='auto', lpips_pairs:int=100, cache=None, data_root=None, device=None, shard_size:int=1000,

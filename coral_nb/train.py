@@ -140,6 +140,7 @@ def _type_ok(v, kinds) -> bool:
     if isinstance(v, float): return 'float' in kinds
     return isinstance(v, str) and 'str' in kinds
 
+# %% ../nbs/05_train.ipynb #04f5782e
 def check_config(cfg:TrainConfig) -> TrainConfig:
     "Check every field's type, range or choice (integers given for numbers become floats); raise one `ConfigError` line for the first bad one."
     for f in dataclasses.fields(cfg):
@@ -562,6 +563,7 @@ def load_checkpoint(path, map_location='cpu') -> dict:
         raise CheckpointError(f"{str(path)!r} is not a coral_nb training checkpoint (no 'config', 'model', 'ema' and 'class_counts' entries)")
     return ck
 
+# %% ../nbs/05_train.ipynb #960b557c
 def _row_step(row:str) -> int|None:
     "The step of a metrics row; None for a blank or half-written line (a run killed in the middle of a write)."
     try: return json.loads(row).get('step', 0)
@@ -635,6 +637,7 @@ def _backup_name(out:Path) -> Path:
     while backup.exists(): backup, k = out.with_name(f"{out.name}.old-{stamp}-{k}"), k + 1
     return backup
 
+# %% ../nbs/05_train.ipynb #77d2f860
 def _open_folder(self:Trainer, resume:bool, overwrite:bool):
     "Lock the folder, check it again under the lock, move an old run aside if asked, resume from its checkpoint, write config.json."
     ck = self.out / 'checkpoint.pt'
@@ -753,6 +756,7 @@ def _show_progress(self:Trainer) -> bool:
     import sys
     return self.main and not self.quiet and (_in_notebook() or sys.stdout.isatty())
 
+# %% ../nbs/05_train.ipynb #e05432fe
 def _write_samples(self:Trainer):
     if not self.main: return None
     cfg = self.cfg
