@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib, json, math, os, subprocess, sys, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from fastcore.basics import patch  # adds methods to a class cell by cell
 
 import numpy as np
 import torch
@@ -19,17 +20,17 @@ from .ddpm import Diffusion, ddpm_sample, ddim_sample
 from .train import load_checkpoint, check_device, model_from_loaded, load_training_data, ImageBank
 
 # %% auto #0
-__all__ = ['OFFLINE_EXTRACTOR', 'INCEPTION', 'INCEPTION_FILE', 'VALIDITY_REASONS', 'GROUP_KEYS', 'EXTRACTORS', 'EvalError',
-           'frechet_distance', 'gaussian_stats', 'frechet_features', 'knn_radii', 'precision_recall', 'prd_curve',
-           'f_beta', 'cluster_histograms', 'prd', 'prd_scores', 'SmallCNN', 'CoralCNNExtractor',
+__all__ = ['OFFLINE_EXTRACTOR', 'INCEPTION', 'INCEPTION_FILE', 'VALIDITY_REASONS', 'GROUP_KEYS', 'EXTRACTORS', 'LPIPS_KINDS',
+           'EvalError', 'frechet_distance', 'gaussian_stats', 'frechet_features', 'knn_radii', 'precision_recall',
+           'prd_curve', 'f_beta', 'cluster_histograms', 'prd', 'prd_scores', 'SmallCNN', 'CoralCNNExtractor',
            'register_offline_extractor', 'cache_dir', 'sha256_file', 'to_uint8', 'reference_data', 'train_classifier',
            'classifier_accuracy', 'Extractor', 'offline_extractor', 'inception_weights_path', 'inception_extractor',
            'ReferenceStats', 'reference_stats', 'lpips_model', 'lpips_diversity', 'pairwise_diversity',
            'sample_validity', 'validity_report', 'checkpoint_file', 'load_run', 'generate', 'load_samples',
-           'default_thresholds', 'aggregate_groups', 'score_samples', 'git_commit', 'resolve_extractor', 'evaluate_run',
-           'per_class_table', 'group_table', 'markdown_report', 'eval_cli', 'plot_vs_class_size', 'compare_runs',
-           'plot_comparison', 'guidance_sweep', 'plot_guidance_sweep', 'nearest_training', 'borrow_copy_stats',
-           'show_nearest']
+           'default_thresholds', 'aggregate_groups', 'score_samples', 'git_commit', 'resolve_extractor', 'eval_context',
+           'evaluate_run', 'per_class_table', 'group_table', 'markdown_report', 'eval_cli', 'plot_vs_class_size',
+           'compare_runs', 'plot_comparison', 'guidance_sweep', 'plot_guidance_sweep', 'nearest_training',
+           'borrow_copy_stats', 'show_nearest', 'synthetic_features', 'GivenFeatures', 'time_scoring']
 
 # %% ../nbs/06_eval.ipynb #8e616312
 class EvalError(ValueError):
@@ -83,19 +84,26 @@ def knn_radii(x:torch.Tensor, k:int=3, chunk:int=4096) -> torch.Tensor:
     "Distance from each row of `x` to its k-th nearest other row of `x` (the point itself excluded)."
     return torch.cat([torch.cdist(xb, x).kthvalue(k + 1, dim=1).values for xb in x.split(chunk)])
 
-def _covered(q:torch.Tensor, ref:torch.Tensor, radii:torch.Tensor, chunk:int=4096) -> torch.Tensor:
-    "For each row of `q`: does it lie inside any ball (ref_j, radii_j)?"
-    return torch.cat([(torch.cdist(qb, ref) <= radii[None]).any(1) for qb in q.split(chunk)])
+def _coverage(real, fake, real_radii, fake_radii, chunk:int=4096) -> tuple[torch.Tensor, torch.Tensor]:
+    "One pass over the fake-to-real distances: is each fake row inside some real ball, each real row inside some fake ball?"
+    fake_in, real_in = [], torch.zeros(len(real), dtype=torch.bool)
+    for fb, rb in zip(fake.split(chunk), fake_radii.split(chunk)):
+        d = torch.cdist(fb, real)
+        fake_in.append((d <= real_radii[None]).any(1))
+        real_in |= (d <= rb[:, None]).any(0)
+    return torch.cat(fake_in), real_in
 
-def precision_recall(real_feats, fake_feats, k:int=3, chunk:int=4096) -> tuple[float, float]:
+def precision_recall(real_feats, fake_feats, k:int=3, chunk:int=4096, real_radii=None, dtype=torch.float32) -> tuple[float, float]:
     "Improved precision and recall (Kynkäänniemi et al. 2019) of `fake_feats` [N, D] against `real_feats` [M, D], k-NN balls."
-    real, fake = _feats64(real_feats, 'real_feats'), _feats64(fake_feats, 'fake_feats')
+    real, fake = (_feats64(x, name).to(dtype) for x, name in ((real_feats, 'real_feats'), (fake_feats, 'fake_feats')))
     if real.shape[1] != fake.shape[1]: raise EvalError(f"feature sizes differ: real {real.shape[1]}, fake {fake.shape[1]}")
     if min(len(real), len(fake)) <= k:
         raise EvalError(f"precision/recall with k={k} needs more than {k} samples in each set; got {len(real)} real and {len(fake)} generated")
-    precision = _covered(fake, real, knn_radii(real, k, chunk), chunk).double().mean().item()
-    recall = _covered(real, fake, knn_radii(fake, k, chunk), chunk).double().mean().item()
-    return precision, recall
+    # the real radii depend on the reference alone: a caller that scores many sample sets passes them in (ReferenceStats.neighbours)
+    rr = knn_radii(real, k, chunk) if real_radii is None else torch.as_tensor(np.asarray(real_radii), dtype=dtype)
+    if rr.shape != (len(real),): raise EvalError(f"real_radii has shape {tuple(rr.shape)}; expected ({len(real)},), one radius per real row")
+    fake_in, real_in = _coverage(real, fake, rr, knn_radii(fake, k, chunk), chunk)
+    return fake_in.double().mean().item(), real_in.double().mean().item()
 
 # %% ../nbs/06_eval.ipynb #9ebc3f51
 def prd_curve(ref_hist, eval_hist, num_angles:int=1001, epsilon:float=1e-10) -> tuple[np.ndarray, np.ndarray]:
@@ -382,6 +390,7 @@ class ReferenceStats:
     name: str; path: str; sha256: str
     feats: np.ndarray; logits: np.ndarray|None; labels: np.ndarray
     mu: np.ndarray; sigma: np.ndarray
+    memo: dict = field(default_factory=dict, repr=False)   # neighbourhoods already computed or read in this session
     @property
     def info(self) -> dict: return dict(name=self.name, sha256=self.sha256, n=int(len(self.labels)), path=self.path)
     def of_class(self, c:int) -> np.ndarray: return self.feats[self.labels == c]
@@ -436,12 +445,14 @@ def lpips_diversity(images:torch.Tensor, model, max_pairs:int=100, size:int=32, 
     return torch.cat(d).mean().item()
 
 # %% ../nbs/06_eval.ipynb #37e9ec71
-def pairwise_diversity(feats) -> float:
+def pairwise_diversity(feats, chunk:int=2048) -> float:
     "Mean Euclidean distance over all pairs of distinct rows of `feats` [N, D]."
     f = _feats64(feats, 'feats')
     if len(f) < 2: raise EvalError(f"diversity needs at least 2 samples; got {len(f)}")
-    d = torch.pdist(f)
-    return d.mean().item()
+    total = 0.
+    for s in range(0, len(f) - 1, chunk):   # rows s.. against the rows after each of them: every pair once, as matrix products
+        total += torch.cdist(f[s:s + chunk], f[s + 1:]).triu().sum().item()
+    return total / (len(f) * (len(f) - 1) / 2)
 
 # %% ../nbs/06_eval.ipynb #b7e1a001
 def _as_float(x:torch.Tensor) -> torch.Tensor:
@@ -457,28 +468,41 @@ def _nn_dist(q:torch.Tensor, ref:torch.Tensor, chunk:int=2048, leave_one_out:boo
         out.append(d.min(1).values)
     return torch.cat(out)
 
+def _subsample(n:int, max_n:int, seed:int=0) -> torch.Tensor|None:
+    "A seeded choice of `max_n` of `n` rows, or None when all fit: the one subsample validity and its cache share."
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_n] if n > max_n else None
+
+def _far_threshold(ref:torch.Tensor, margin:float, quantile:float, loo=None) -> float:
+    "`margin` times the `quantile` of the reference's leave-one-out nearest distances (given, or computed)."
+    loo = _nn_dist(ref, ref, leave_one_out=True) if loo is None else torch.as_tensor(np.asarray(loo)).float()
+    if len(loo) != len(ref): raise EvalError(f"{len(loo)} precomputed neighbour distances for {len(ref)} reference rows")
+    return margin * loo.quantile(quantile).item()
+
+# %% ../nbs/06_eval.ipynb #b7e1a00a
 VALIDITY_REASONS = ('nonfinite', 'colour', 'far_pixels', 'far_features')
 
 def sample_validity(images:torch.Tensor, # samples [N, C, H, W]: float in [-1, 1] (may hold NaN) or uint8
                     reference:torch.Tensor, # real images, same layout
                     feats=None, ref_feats=None, # optional features of both, for the feature-space test
-                    colour_tol:float=0.1, margin:float=1.5, quantile:float=0.999, max_ref:int=10_000, seed:int=0) -> dict:
+                    colour_tol:float=0.1, margin:float=1.5, quantile:float=0.999, max_ref:int=10_000, seed:int=0,
+                    ref_nn:dict|None=None, # {'pixels', 'features'}: precomputed leave-one-out distances of the subsample (ReferenceStats)
+                   ) -> dict:
     "Flag samples that look like no data: non-finite, colour where the reference is grey, far from every reference image (pixels, features)."
-    x, ref = _as_float(images), _as_float(reference)
+    x, ref, ref_nn = _as_float(images), _as_float(reference), ref_nn or {}
     if x.shape[1:] != ref.shape[1:]: raise EvalError(f"samples {tuple(x.shape[1:])} and reference images {tuple(ref.shape[1:])} differ in shape")
-    if len(ref) > max_ref: ref = ref[torch.randperm(len(ref), generator=torch.Generator().manual_seed(seed))[:max_ref]]
+    if (sub := _subsample(len(ref), max_ref, seed)) is not None: ref = ref[sub]
     n, flags, thresholds = len(x), {}, {}
     flags['nonfinite'] = ~torch.isfinite(x).flatten(1).all(1)
     x = torch.nan_to_num(x, nan=0., posinf=1., neginf=-1.)
     grey = ref.shape[1] > 1 and bool(((ref.amax(1) - ref.amin(1)).abs().max() < 1e-3))
     flags['colour'] = (x.amax(1) - x.amin(1)).mean((1, 2)) > colour_tol if grey else torch.zeros(n, dtype=torch.bool)
     scale = x[0].numel() ** 0.5   # distances as root-mean-square per pixel
-    thresholds['far_pixels'] = margin * _nn_dist(ref.flatten(1), ref.flatten(1), leave_one_out=True).quantile(quantile).item() / scale
+    thresholds['far_pixels'] = _far_threshold(ref.flatten(1), margin, quantile, ref_nn.get('pixels')) / scale
     flags['far_pixels'] = _nn_dist(x.flatten(1), ref.flatten(1)) / scale > thresholds['far_pixels']
     if feats is not None and ref_feats is not None:
         f, rf = torch.as_tensor(feats).float(), torch.as_tensor(ref_feats).float()
-        if len(rf) > max_ref: rf = rf[torch.randperm(len(rf), generator=torch.Generator().manual_seed(seed))[:max_ref]]
-        thresholds['far_features'] = margin * _nn_dist(rf, rf, leave_one_out=True).quantile(quantile).item()
+        if (sub := _subsample(len(rf), max_ref, seed)) is not None: rf = rf[sub]
+        thresholds['far_features'] = _far_threshold(rf, margin, quantile, ref_nn.get('features'))
         flags['far_features'] = _nn_dist(torch.nan_to_num(f), rf) > thresholds['far_features']
     flagged = torch.stack(list(flags.values())).any(0)
     return dict(n=n, n_nonfinite=int(flags['nonfinite'].sum()), n_flagged=int(flagged.sum()), flagged_fraction=float(flagged.float().mean()) if n else 0.,
@@ -488,6 +512,51 @@ def sample_validity(images:torch.Tensor, # samples [N, C, H, W]: float in [-1, 1
 def validity_report(v:dict) -> dict:
     "`sample_validity`'s result without the per-sample mask: what a result file keeps."
     return {k: val for k, val in v.items() if k != 'flagged'}
+
+# %% ../nbs/06_eval.ipynb #c4a1e002
+@patch
+def _cached(self:ReferenceStats, key:str, compute) -> dict:
+    "Arrays derived from this reference: from memory, else from `<stats>.<key>.npz` (made from these very statistics), else computed and saved."
+    if key in self.memo: return self.memo[key]
+    p = Path(str(self.path)[:-len('.npz')] + f'.{key}.npz') if str(self.path).endswith('.npz') else None
+    out = None
+    if p is not None and _has_entry(p) and json.loads(Path(str(p) + '.json').read_text()).get('reference_sha256') == self.sha256:
+        _read_verified(p)
+        with np.load(p) as z: out = {k: z[k] for k in z.files}
+    if out is None:
+        out = {k: np.asarray(v) for k, v in compute().items()}
+        if p is not None:
+            _write_atomic(p, lambda q: np.savez(open(q, 'wb'), **out))
+            _write_sidecar(p, dict(name=p.name, sha256=sha256_file(p), reference=self.name, reference_sha256=self.sha256))
+    self.memo[key] = out
+    return out
+
+@patch
+def neighbours(self:ReferenceStats, k:int=3, max_ref:int=10_000, seed:int=0) -> dict:
+    "k-NN radii (among all rows, within each class), per-class diversity and the leave-one-out nearest distances of a seeded subsample."
+    def compute():
+        f, lab = _feats64(self.feats, 'reference features'), torch.from_numpy(np.asarray(self.labels))
+        class_radii, diversity = torch.full((len(f),), float('nan')), []   # radii in float32, as precision_recall uses them
+        for c in range(int(lab.max()) + 1):
+            m = lab == c
+            if m.sum() > k: class_radii[m] = knn_radii(f[m].float(), k)
+            diversity.append(pairwise_diversity(f[m]) if m.sum() >= 2 else float('nan'))
+        sub = _subsample(len(f), max_ref, seed)
+        fs = (f if sub is None else f[sub]).float()   # validity compares float32 features
+        return dict(radii=knn_radii(f.float(), k), class_radii=class_radii, class_diversity=torch.tensor(diversity),
+                    loo_nn=_nn_dist(fs, fs, leave_one_out=True))
+    return self._cached(f'nn-f32-k{k}-m{max_ref}-s{seed}', compute)
+
+@patch
+def pixel_neighbours(self:ReferenceStats, images:torch.Tensor, max_ref:int=10_000, seed:int=0) -> dict:
+    "Leave-one-out nearest pixel distances of a seeded subsample of the reference `images`, cached under their checksum."
+    x = _as_float(images)
+    digest = hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest()[:12]
+    def compute():
+        sub = _subsample(len(x), max_ref, seed)
+        xs = (x if sub is None else x[sub]).flatten(1)
+        return dict(loo_nn=_nn_dist(xs, xs, leave_one_out=True))
+    return self._cached(f'pixels-{digest}-m{max_ref}-s{seed}', compute)
 
 # %% ../nbs/06_eval.ipynb #a023a7a6
 def _interactive() -> bool:
@@ -611,6 +680,24 @@ def aggregate_groups(per_class:list[dict], groups:dict[str, list[int]], keys=GRO
         out[g] = dict(classes=list(cs), n=int(sum(r['n'] for r in rows)), **{f'{k}_mean': _mean([r.get(k) for r in rows]) for k in keys})
     return out
 
+# %% ../nbs/06_eval.ipynb #c4a1e005
+def _score_class(c, mask, fake, reff, ref, near, images, classes, class_counts, groups, group_of, k, hit, flagged, lpips, lpips_pairs, seed) -> dict:
+    "The per-class row of `score_samples`: class `c`'s samples (`mask`) against the reference images of class `c`."
+    rmask = torch.from_numpy(np.asarray(ref.labels) == c)
+    fc, rc = fake[mask], reff[rmask]
+    r = {'class': c, 'name': classes[c], 'train_count': int(class_counts[c]), 'group': group_of.get(c),
+         'head_tail': 'head' if c in groups['head'] else 'tail', 'n': int(mask.sum()), 'n_reference': len(rc)}
+    ok2 = len(fc) >= 2 and len(rc) >= 2
+    r['fd'] = frechet_features(fc, rc) if ok2 else None
+    r['precision'], r['recall'] = (precision_recall(rc, fc, k, real_radii=near['class_radii'][rmask.numpy()])
+                                   if min(len(fc), len(rc)) > k else (None, None))
+    r['consistency'] = hit[mask].double().mean().item() if hit is not None and len(fc) else None
+    r['flagged'] = flagged[mask].double().mean().item() if len(fc) else None
+    r['diversity'] = pairwise_diversity(fc) if len(fc) >= 2 else None
+    r['rel_diversity'] = r['diversity'] / float(near['class_diversity'][c]) if ok2 else None
+    r['lpips'] = lpips_diversity(images[mask], lpips, lpips_pairs, seed=seed) if lpips is not None and len(fc) >= 2 else None
+    return r
+
 # %% ../nbs/06_eval.ipynb #4484e27b
 def score_samples(images:torch.Tensor, labels:torch.Tensor, ref:ReferenceStats, extractor:Extractor, class_counts,
                   classes=None, k:int=3, lpips=None, lpips_pairs:int=100, many:int=50, few:int=20, prd_runs:int=10,
@@ -626,9 +713,11 @@ def score_samples(images:torch.Tensor, labels:torch.Tensor, ref:ReferenceStats, 
     reff = torch.from_numpy(ref.feats).double()
     n, n_ref = len(fake), len(reff)
     if n <= k: raise EvalError(f"{n} samples are too few: precision/recall with k={k} needs more than {k}")
+    near = ref.neighbours(k)   # what depends on the reference alone: computed once, cached beside its statistics
     mu, sigma = gaussian_stats(fake)
     # validity: against the reference images when given (pixels and colour), always in feature space
-    valid = sample_validity(images, ref_images, fake, reff) if ref_images is not None else None
+    valid = None if ref_images is None else sample_validity(
+        images, ref_images, fake, reff, ref_nn=dict(pixels=ref.pixel_neighbours(ref_images)['loo_nn'], features=near['loo_nn']))
     flagged = valid['flagged'] if valid is not None else torch.zeros(len(labels), dtype=torch.bool)
     m = dict(extractor=extractor.name, n=n, n_reference=n_ref, fd=frechet_distance(mu, sigma, ref.mu, ref.sigma))
     sub = min(1000, n, n_ref)
@@ -637,7 +726,7 @@ def score_samples(images:torch.Tensor, labels:torch.Tensor, ref:ReferenceStats, 
     if logits is not None and n >= 10:
         isc = isc_features_to_metric(logits, splits=10, shuffle=True, rng_seed=seed)
         m['is'], m['is_std'] = isc['inception_score_mean'], isc['inception_score_std']
-    m['precision'], m['recall'] = precision_recall(reff, fake, k)
+    m['precision'], m['recall'] = precision_recall(reff, fake, k, real_radii=near['radii'])
     m.update(prd_scores(reff, fake, num_runs=prd_runs, seed=seed) if min(n, n_ref) >= 20 else dict(f8=None, f1_8=None))
     offline = extractor.info.get('kind') == 'offline'
     pred = logits.argmax(1) if (logits is not None and offline) else None
@@ -645,24 +734,9 @@ def score_samples(images:torch.Tensor, labels:torch.Tensor, ref:ReferenceStats, 
     m['consistency'] = hit.double().mean().item() if pred is not None else None
     groups = {**class_groups(class_counts, many, few), **head_tail(class_counts)}
     group_of = {c: g for g in ('many', 'medium', 'few') for c in groups[g]}
-    per_class = []
-    for c in range(C):
-        mask = labels == c
-        fc, rc = fake[mask], torch.from_numpy(ref.of_class(c)).double()
-        r = {'class': c, 'name': classes[c], 'train_count': int(class_counts[c]), 'group': group_of.get(c),
-             'head_tail': 'head' if c in groups['head'] else 'tail', 'n': int(mask.sum()), 'n_reference': len(rc)}
-        ok2 = len(fc) >= 2 and len(rc) >= 2
-        r['fd'] = frechet_features(fc, rc) if ok2 else None
-        r['precision'], r['recall'] = precision_recall(rc, fc, k) if min(len(fc), len(rc)) > k else (None, None)
-        r['consistency'] = hit[mask].double().mean().item() if pred is not None and len(fc) else None
-        r['flagged'] = flagged[mask].double().mean().item() if len(fc) else None
-        r['diversity'] = pairwise_diversity(fc) if len(fc) >= 2 else None
-        r['rel_diversity'] = r['diversity'] / pairwise_diversity(rc) if ok2 else None
-        r['lpips'] = lpips_diversity(images[mask], lpips, lpips_pairs, seed=seed) if lpips is not None and len(fc) >= 2 else None
-        per_class.append(r)
-    m['diversity'] = _mean([r['diversity'] for r in per_class])
-    m['rel_diversity'] = _mean([r['rel_diversity'] for r in per_class])
-    m['lpips'] = _mean([r['lpips'] for r in per_class])
+    per_class = [_score_class(c, labels == c, fake, reff, ref, near, images, classes, class_counts, groups, group_of, k,
+                              hit, flagged, lpips, lpips_pairs, seed) for c in range(C)]
+    for key in ('diversity', 'rel_diversity', 'lpips'): m[key] = _mean([r[key] for r in per_class])
     agg = aggregate_groups(per_class, groups)
     for g, cs in groups.items():   # pooled Fréchet distance of the group (the paper's tail FID)
         fm, rm = torch.isin(labels, torch.tensor(cs)), np.isin(ref.labels, cs)
@@ -682,23 +756,58 @@ def git_commit() -> str|None:
         return sha.stdout.strip() + ('-dirty' if dirty.stdout.strip() else '')
     except (OSError, subprocess.SubprocessError): return os.environ.get('CORAL_NB_GIT_COMMIT')
 
-def resolve_extractor(name:str, dataset:str, size:int, channels:int=3, root=None, cache=None, device='cpu', quiet:bool=False) -> Extractor:
-    "'offline' (coral_nb's CNN), 'inception' (torch-fidelity's inception-v3-compat) or 'auto' (Inception when its weights are already local and the data are not digits)."
+def _extractor_kind(name:str, dataset:str) -> str:
+    "What `name` resolves to for `dataset`: 'auto' is Inception when its weights are already local and the data are not digits."
     if name not in EXTRACTORS: raise EvalError(f"unknown extractor {name!r}; valid: {', '.join(EXTRACTORS)}")
-    if name == 'auto':
-        if dataset != 'digits' and inception_weights_path() is not None: name = 'inception'
-        else:
-            name = 'offline'
-            if not quiet: print(f"no Inception weights in use for {dataset!r}: scoring with the offline extractor (coral_nb's CNN; numbers not comparable with Inception FID)", file=sys.stderr)
-    if name == 'inception': return inception_extractor(device=device)
+    if name != 'auto': return name
+    return 'inception' if dataset != 'digits' and inception_weights_path() is not None else 'offline'
+
+def resolve_extractor(name:str, dataset:str, size:int, channels:int=3, root=None, cache=None, device='cpu', quiet:bool=False) -> Extractor:
+    "'offline' (coral_nb's CNN), 'inception' (torch-fidelity's inception-v3-compat) or 'auto' (see `_extractor_kind`)."
+    kind = _extractor_kind(name, dataset)
+    if kind == 'inception': return inception_extractor(device=device)
+    if name == 'auto' and not quiet:
+        print(f"no Inception weights in use for {dataset!r}: scoring with the offline extractor (coral_nb's CNN; numbers not comparable with Inception FID)", file=sys.stderr)
     return offline_extractor(dataset, size, channels, root, cache, device=device, quiet=quiet)
 
 def _tag(ema, sampler, steps, omega, n_per_class, n_total, seed, kind):
+    "The name of a result: how its samples were drawn, and the kind of extractor that scored them."
+    return f"{_sample_tag(ema, sampler, steps, omega, n_per_class, n_total, seed)}_{kind}"
+
+def _sample_tag(ema, sampler, steps, omega, n_per_class, n_total, seed, step=None, shard_size=1000):
+    "The name of a sample folder: how the samples were drawn (never how they are scored), from which step, in which shards (they seed the noise)."
     n = f'n{n_per_class}pc' if n_per_class is not None else f'n{n_total}'
-    return f"{'ema' if ema else 'raw'}_{sampler}{steps}_w{omega:g}_{n}_s{seed}_{kind}"
+    return (('' if step is None else f'step{step}_') + f"{'ema' if ema else 'raw'}_{sampler}{steps}_w{omega:g}_{n}_s{seed}"
+            + ('' if shard_size == 1000 else f'_shard{shard_size}'))
+
+# %% ../nbs/06_eval.ipynb #c4a1e007
+LPIPS_KINDS = ('auto', 'random', 'alex', 'off')
+
+def eval_context(run, extractor:str='auto', lpips:str='auto', ema:bool=True, cache=None, data_root=None, device=None,
+                 quiet:bool=False) -> dict:
+    "Everything the evaluations of one run share, built once: run, extractor, reference (statistics, images), LPIPS."
+    if lpips not in LPIPS_KINDS: raise EvalError(f"unknown lpips {lpips!r}; valid: {', '.join(LPIPS_KINDS)}")
+    if extractor not in EXTRACTORS: raise EvalError(f"unknown extractor {extractor!r}; valid: {', '.join(EXTRACTORS)}")
+    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    r = load_run(run, ema, device)
+    cfg = r['cfg']
+    kind = _extractor_kind(extractor, cfg.dataset)
+    lp_kind = ('alex' if kind == 'inception' else 'random') if lpips == 'auto' else lpips
+    lp = None if lp_kind == 'off' else lpips_model(lp_kind == 'alex', device)   # before any extractor or sample: an offline failure costs nothing
+    ref_root = data_root or cfg.root   # the run's own root holds the full (balanced) set its long-tailed subset came from
+    ext = resolve_extractor(extractor, cfg.dataset, cfg.img_size, cfg.channels, ref_root, cache, device, quiet)
+    ref = reference_stats(ext, cfg.dataset, cfg.img_size, cfg.channels, ref_root, cache=cache)
+    return dict(run=r, path=Path(run), eval_dir=(Path(run) if Path(run).is_dir() else Path(run).parent) / 'eval', extractor=ext,
+                kind=kind, ref=ref, ref_images=reference_data(cfg.dataset, cfg.img_size, cfg.channels, ref_root)[0], lpips=lp, device=device)
 
 # %% ../nbs/06_eval.ipynb #c2d31975
-def evaluate_run(run, n_per_class:int|None=50, n_total:int|None=None, tag:str|None=None, extractor:str='auto',
+def _samples_folder(eval_dir:Path, tag:str, sample_tag:str) -> Path:
+    "Where a result's samples live: named by how they were drawn; a folder named by the result tag (older layout) is reused."
+    new, old = eval_dir / 'samples' / sample_tag, eval_dir / 'samples' / tag
+    return old if (old / 'manifest.json').is_file() and not (new / 'manifest.json').is_file() else new
+
+def evaluate_run(run, # run folder or checkpoint, or an `eval_context` (then its extractor, lpips, ema, cache, data_root and device apply)
+                 n_per_class:int|None=50, n_total:int|None=None, tag:str|None=None, extractor:str='auto',
                  guidance:float|None=None, sampler:str='ddim', steps:int=50, seed:int=0, ema:bool=True, k:int=3,
                  lpips:str='auto', lpips_pairs:int=100, cache=None, data_root=None, device=None, shard_size:int=1000,
                  batch_size:int=500, progress:bool|None=None, many:int|None=None, few:int|None=None, prd_runs:int=10,
@@ -711,45 +820,35 @@ def evaluate_run(run, n_per_class:int|None=50, n_total:int|None=None, tag:str|No
         raise EvalError(f"n={n_check} is too small: improved precision/recall with k={k} needs more than {k} samples "
                         f"{'per class' if n_per_class is not None else 'in all'}")
     if n_total is not None and n_total < 20: raise EvalError(f"n_total={n_total} is too small: PRD needs at least 20 samples")
-    if lpips not in ('auto', 'random', 'alex', 'off'): raise EvalError(f"unknown lpips {lpips!r}; valid: auto, random, alex, off")
-    if extractor not in EXTRACTORS: raise EvalError(f"unknown extractor {extractor!r}; valid: {', '.join(EXTRACTORS)}")
-    device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
-    r = load_run(run, ema, device)
+    ctx = run if isinstance(run, dict) else eval_context(run, extractor, lpips, ema, cache, data_root, device, quiet)
+    r, ext, ref, lp = ctx['run'], ctx['extractor'], ctx['ref'], ctx['lpips']
     cfg = r['cfg']
-    ref_root = data_root or cfg.root   # the run's own root holds the full (balanced) set its long-tailed subset came from
-    ext = resolve_extractor(extractor, cfg.dataset, cfg.img_size, cfg.channels, ref_root, cache, device, quiet)
-    ref = reference_stats(ext, cfg.dataset, cfg.img_size, cfg.channels, ref_root, cache=cache)
     omega = cfg.guidance if guidance is None else float(guidance)
     steps_eff = cfg.T if sampler == 'ddpm' else steps
-    kind = 'inception' if ext.info['kind'] == 'inception' else 'offline'
-    tag = tag or _tag(ema, sampler, steps_eff, omega, n_per_class, n_total, seed, kind)
-    eval_dir = (Path(run) if Path(run).is_dir() else Path(run).parent) / 'eval'
+    tag = tag or _tag(r['ema'], sampler, steps_eff, omega, n_per_class, n_total, seed, ctx['kind'])
+    folder = _samples_folder(ctx['eval_dir'], tag, _sample_tag(r['ema'], sampler, steps_eff, omega, n_per_class, n_total, seed, r['step'], shard_size))
     t_setup, t1 = time.time() - t0, time.time()
-    reused = len(list((eval_dir / 'samples' / tag).glob('shard_*.npz')))   # shards already on disk (a resumed or repeated evaluation)
-    samples = generate(r, eval_dir / 'samples' / tag, n_per_class, n_total, omega, sampler, steps, seed=seed, ema=ema,
-                       shard_size=shard_size, batch_size=batch_size, device=device, progress=progress)
+    reused = len(list(folder.glob('shard_*.npz')))   # shards already on disk (a resumed, repeated or differently scored evaluation)
+    samples = generate(r, folder, n_per_class, n_total, omega, sampler, steps, seed=seed, ema=r['ema'], shard_size=shard_size,
+                       batch_size=batch_size, device=ctx['device'], progress=progress)
     t_gen, t1 = time.time() - t1, time.time()
     images, labels, settings = load_samples(samples)
-    lp_kind = ('alex' if kind == 'inception' else 'random') if lpips == 'auto' else lpips
-    lp = None if lp_kind == 'off' else lpips_model(lp_kind == 'alex', device)
     mny, fw = default_thresholds(cfg.dataset)
-    ref_images = reference_data(cfg.dataset, cfg.img_size, cfg.channels, ref_root)[0]
     res = score_samples(images, labels, ref, ext, r['class_counts'], r['classes'], k, lp, lpips_pairs,
-                        many or mny, few or fw, prd_runs, seed=seed, ref_images=ref_images)
+                        many or mny, few or fw, prd_runs, seed=seed, ref_images=ctx['ref_images'])
     res['provenance'] = dict(
-        run=str(Path(run).resolve()), checkpoint=r['checkpoint'], checkpoint_sha256=r['checkpoint_sha256'], step=r['step'],
-        weights='ema' if ema else 'raw', method=cfg.method, dataset=cfg.dataset, img_size=cfg.img_size, imb_ratio=cfg.imb_ratio,
+        run=str(ctx['path'].resolve()), checkpoint=r['checkpoint'], checkpoint_sha256=r['checkpoint_sha256'], step=r['step'],
+        weights='ema' if r['ema'] else 'raw', method=cfg.method, dataset=cfg.dataset, img_size=cfg.img_size, imb_ratio=cfg.imb_ratio,
         sampler=sampler, sampler_steps=steps_eff, eta=settings['eta'], var_type=settings['var_type'], guidance=omega, seed=seed,
         n_samples=len(labels), n_per_class=n_per_class, n_total=n_total, labels='n_per_class of every class' if n_per_class else 'uniform random (official sampler)',
         samples=str(samples), extractor=ext.info, reference=ref.info, lpips=getattr(lp, 'coral_name', None), lpips_pairs=lpips_pairs,
         k=k, prd=dict(clusters=20, angles=1001, runs=prd_runs), group_thresholds=dict(many=many or mny, few=few or fw),
-        coral_nb_version=coral_nb.__version__, git_commit=git_commit(), torch=torch.__version__, device=str(device),
+        coral_nb_version=coral_nb.__version__, git_commit=git_commit(), torch=torch.__version__, device=str(ctx['device']),
         shards_reused=reused, setup_seconds=round(t_setup, 1), generation_seconds=round(t_gen, 1), scoring_seconds=round(time.time() - t1, 1),
-        wall_seconds=round(time.time() - t0, 1),
-        created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), tag=tag)
-    eval_dir.mkdir(parents=True, exist_ok=True)
-    (eval_dir / f'{tag}.json').write_text(json.dumps(res, indent=1))
-    (eval_dir / f'{tag}.md').write_text(markdown_report(res))
+        wall_seconds=round(time.time() - t0, 1), created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), tag=tag)
+    ctx['eval_dir'].mkdir(parents=True, exist_ok=True)
+    (ctx['eval_dir'] / f'{tag}.json').write_text(json.dumps(res, indent=1))
+    (ctx['eval_dir'] / f'{tag}.md').write_text(markdown_report(res))
     return res
 
 # %% ../nbs/06_eval.ipynb #d737e725
@@ -894,11 +993,13 @@ def plot_comparison(df, axs=None):
 
 # %% ../nbs/06_eval.ipynb #6051cf20
 def guidance_sweep(run, omegas=(0., 0.5, 1., 2., 4.), n_per_class:int=30, groups=('many', 'medium', 'few'), **kw):
-    "Score `run` at each guidance in `omegas` (results written as usual); one row per (omega, group) plus 'all'."
+    "Score `run` at each guidance in `omegas` (results written as usual; run, extractor and reference loaded once); one row per (omega, group) plus 'all'."
     import pandas as pd
+    shared = ('extractor', 'lpips', 'ema', 'cache', 'data_root', 'device', 'quiet')
+    ctx = run if isinstance(run, dict) else eval_context(run, **{k: v for k, v in kw.items() if k in shared})
     rows = []
     for w in omegas:
-        res = evaluate_run(run, n_per_class=n_per_class, guidance=w, **kw)
+        res = evaluate_run(ctx, n_per_class=n_per_class, guidance=w, **kw)
         m = res['metrics']
         rows.append(dict(omega=w, group='all', fd=m['fd'], recall=m['recall'], precision=m['precision'], lpips=m['lpips'],
                          rel_diversity=m['rel_diversity'], consistency=m['consistency'], extractor=m['extractor']))
@@ -950,3 +1051,37 @@ def show_nearest(samples, sample_labels, train_images, train_labels, nn_idx, cla
     for ax in axs.flat: ax.axis('off')
     plt.tight_layout()
     return fig
+
+# %% ../nbs/06_eval.ipynb #c4a1e00a
+def synthetic_features(n:int, dim:int, n_classes:int=10, seed:int=0, shift:float=0.) -> tuple[torch.Tensor, torch.Tensor]:
+    "Class-clustered Gaussian features [n, dim] (float64) and balanced labels: a stand-in for n Inception features."
+    centres = 2 * torch.randn(n_classes, dim, generator=torch.Generator().manual_seed(1234), dtype=torch.float64)  # shared by every call
+    y = torch.arange(n) % n_classes
+    return centres[y] + torch.randn(n, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + shift, y
+
+class GivenFeatures:
+    "An extractor that returns precomputed features, so that only the scoring step is timed."
+    def __init__(self, feats:torch.Tensor, name:str='synthetic'): self.feats, self.name, self.info = feats, name, dict(kind='synthetic')
+    def __call__(self, images, batch_size:int=256) -> dict: return {'feat': self.feats}
+
+def time_scoring(n:int=50_000, dim:int=2048, n_classes:int=10, size:int=32, cache=None, calls:int=2, prd_runs:int=10, seed:int=0,
+                 module=None) -> dict:
+    "Seconds of `score_samples` on `n` samples of `dim`-d features against as many reference rows, `calls` times in fresh objects."
+    # `module`: coral_nb.eval as it was at another commit, to time the code before a change
+    stats_cls, score = (module.ReferenceStats, module.score_samples) if module is not None else (ReferenceStats, score_samples)
+    ref_f, ref_y = synthetic_features(n, dim, n_classes, seed)
+    fake_f, fake_y = synthetic_features(n, dim, n_classes, seed + 1, shift=0.05)
+    g = torch.Generator().manual_seed(seed)
+    ref_img, fake_img = (torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8) for _ in range(2))
+    mu, sigma = gaussian_stats(ref_f)
+    path = cache_dir(cache) / 'reference' / f'synthetic-{n}x{dim}-s{seed}.npz'
+    counts = [max(1, round(5000 * 0.01 ** (c / max(1, n_classes - 1)))) for c in range(n_classes)]   # CIFAR-10-LT's groups
+    seconds, res = [], None
+    for _ in range(calls):
+        ref = stats_cls(path.stem, str(path), f'synthetic-{n}x{dim}-s{seed}', ref_f.numpy(), None, ref_y.numpy(), mu, sigma)
+        t0 = time.perf_counter()
+        res = score(fake_img, fake_y, ref, GivenFeatures(fake_f), counts, prd_runs=prd_runs, seed=seed, ref_images=ref_img)
+        seconds.append(round(time.perf_counter() - t0, 2))
+    return dict(n=n, dim=dim, n_classes=n_classes, image_size=size, prd_runs=prd_runs, seconds=seconds, threads=torch.get_num_threads(),
+                metrics={k: res['metrics'][k] for k in ('fd', 'precision', 'recall', 'f8', 'f1_8', 'kd', 'rel_diversity')},
+                flagged_fraction=res['validity']['flagged_fraction'])
