@@ -390,7 +390,7 @@ class ReferenceStats:
     name: str; path: str; sha256: str
     feats: np.ndarray; logits: np.ndarray|None; labels: np.ndarray
     mu: np.ndarray; sigma: np.ndarray
-    memo: dict = field(default_factory=dict, repr=False)   # neighbourhoods already computed or read in this session
+    memo: dict = field(default_factory=dict, repr=False)   # neighbourhoods already computed or read by this process
     @property
     def info(self) -> dict: return dict(name=self.name, sha256=self.sha256, n=int(len(self.labels)), path=self.path)
     def of_class(self, c:int) -> np.ndarray: return self.feats[self.labels == c]
