@@ -969,6 +969,10 @@ def plot_vs_class_size(res:dict, metrics=('fd', 'recall', 'rel_diversity', 'cons
         sns.scatterplot(data=df, x='train_count', y=m, hue='group', palette=GROUP_COLOURS, hue_order=['many', 'medium', 'few'], ax=ax, s=50, legend=ax is axs[-1])
         for _, r in df.iterrows(): ax.annotate(str(r['name']), (r['train_count'], r[m]), fontsize=7, xytext=(3, 3), textcoords='offset points')
         ax.set_xscale('log'); ax.set_xlabel('training images of the class'); ax.set_title(m, fontsize=9)
+        lo, hi = df.train_count.min(), df.train_count.max()   # plain 1-2-5 ticks: log-scale minor labels overlap
+        ticks = [v * 10 ** e for e in range(6) for v in (1, 2, 5) if lo / 1.5 <= v * 10 ** e <= hi * 1.5]
+        ax.set_xticks(ticks, [f'{v:,}' for v in ticks], fontsize=8); ax.minorticks_off()
+    sns.move_legend(axs[-1], 'upper left', bbox_to_anchor=(1.02, 1), frameon=False, fontsize=8)
     plt.gcf().suptitle(f"per class, extractor {res['metrics']['extractor']}", fontsize=9); plt.tight_layout()
     return axs
 

@@ -261,7 +261,9 @@ def latent_explorer(maps:dict, labels, head, tail, purity:dict|None=None):
             plot_map(maps[(m, t, on)], lab, head, tail, ax, f"{m}, t={t}, label {'on' if on else 'off'}{p}", None if c < 0 else c)
         plt.show()
     out = W.interactive_output(show, dict(c=cls, t=tw, on=lw))
-    return W.VBox([W.HBox([cls, lw]), tw, out])
+    box = W.VBox([W.HBox([cls, lw]), tw, out])
+    box.show = show   # the drawing function itself: ipywidgets prints its errors, a direct call raises them
+    return box
 
 # %% ../nbs/07_latents.ipynb #1110bf6b
 def balanced_like(lt, n:int) -> tuple[TensorImages, np.ndarray]:
