@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_eval.ipynb #29f94317
 from __future__ import annotations
-import hashlib, json, math, os, subprocess, sys, time, warnings
+import hashlib, io, json, math, os, subprocess, sys, tempfile, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from fastcore.basics import patch  # adds methods to a class cell by cell
@@ -20,17 +20,18 @@ from .ddpm import Diffusion, ddpm_sample, ddim_sample
 from .train import load_checkpoint, check_device, model_from_loaded, load_training_data, ImageBank
 
 # %% auto #0
-__all__ = ['OFFLINE_EXTRACTOR', 'INCEPTION', 'INCEPTION_FILE', 'VALIDITY_REASONS', 'GROUP_KEYS', 'EXTRACTORS', 'LPIPS_KINDS',
-           'EvalError', 'frechet_distance', 'gaussian_stats', 'frechet_features', 'knn_radii', 'precision_recall',
-           'prd_curve', 'f_beta', 'cluster_histograms', 'prd', 'prd_scores', 'SmallCNN', 'CoralCNNExtractor',
-           'register_offline_extractor', 'cache_dir', 'sha256_file', 'to_uint8', 'reference_data', 'train_classifier',
-           'classifier_accuracy', 'Extractor', 'offline_extractor', 'inception_weights_path', 'inception_extractor',
-           'ReferenceStats', 'reference_stats', 'lpips_model', 'lpips_diversity', 'pairwise_diversity',
-           'sample_validity', 'validity_report', 'checkpoint_file', 'load_run', 'generate', 'load_samples',
-           'default_thresholds', 'aggregate_groups', 'score_samples', 'git_commit', 'resolve_extractor', 'eval_context',
-           'evaluate_run', 'per_class_table', 'group_table', 'markdown_report', 'eval_cli', 'plot_vs_class_size',
-           'compare_runs', 'plot_comparison', 'guidance_sweep', 'plot_guidance_sweep', 'nearest_training',
-           'borrow_copy_stats', 'show_nearest', 'synthetic_features', 'GivenFeatures', 'time_scoring']
+__all__ = ['OFFLINE_EXTRACTOR', 'INCEPTION', 'INCEPTION_FILE', 'VALIDITY_MAX_REF', 'VALIDITY_REASONS', 'NEIGHBOURS_VERSION',
+           'GROUP_KEYS', 'EXTRACTORS', 'LPIPS_KINDS', 'EvalError', 'frechet_distance', 'gaussian_stats',
+           'frechet_features', 'knn_radii', 'precision_recall', 'prd_curve', 'f_beta', 'cluster_histograms', 'prd',
+           'prd_scores', 'SmallCNN', 'CoralCNNExtractor', 'register_offline_extractor', 'cache_dir', 'sha256_file',
+           'to_uint8', 'reference_data', 'train_classifier', 'classifier_accuracy', 'Extractor', 'offline_extractor',
+           'inception_weights_path', 'inception_extractor', 'ReferenceStats', 'reference_stats', 'lpips_model',
+           'lpips_diversity', 'pairwise_diversity', 'sample_validity', 'validity_report', 'checkpoint_file', 'load_run',
+           'generate', 'load_samples', 'default_thresholds', 'aggregate_groups', 'score_samples', 'git_commit',
+           'resolve_extractor', 'eval_context', 'evaluate_run', 'per_class_table', 'group_table', 'markdown_report',
+           'eval_cli', 'plot_vs_class_size', 'compare_runs', 'plot_comparison', 'guidance_sweep', 'plot_guidance_sweep',
+           'nearest_training', 'borrow_copy_stats', 'show_nearest', 'synthetic_features', 'GivenFeatures',
+           'time_scoring']
 
 # %% ../nbs/06_eval.ipynb #8e616312
 class EvalError(ValueError):
@@ -479,12 +480,13 @@ def _far_threshold(ref:torch.Tensor, margin:float, quantile:float, loo=None) -> 
     return margin * loo.quantile(quantile).item()
 
 # %% ../nbs/06_eval.ipynb #b7e1a00a
+VALIDITY_MAX_REF = 10_000   # reference rows a validity threshold is measured on (a seeded subsample of larger sets)
 VALIDITY_REASONS = ('nonfinite', 'colour', 'far_pixels', 'far_features')
 
 def sample_validity(images:torch.Tensor, # samples [N, C, H, W]: float in [-1, 1] (may hold NaN) or uint8
                     reference:torch.Tensor, # real images, same layout
                     feats=None, ref_feats=None, # optional features of both, for the feature-space test
-                    colour_tol:float=0.1, margin:float=1.5, quantile:float=0.999, max_ref:int=10_000, seed:int=0,
+                    colour_tol:float=0.1, margin:float=1.5, quantile:float=0.999, max_ref:int=VALIDITY_MAX_REF, seed:int=0,
                     ref_nn:dict|None=None, # {'pixels', 'features'}: precomputed leave-one-out distances of the subsample (ReferenceStats)
                    ) -> dict:
     "Flag samples that look like no data: non-finite, colour where the reference is grey, far from every reference image (pixels, features)."
@@ -514,23 +516,37 @@ def validity_report(v:dict) -> dict:
     return {k: val for k, val in v.items() if k != 'flagged'}
 
 # %% ../nbs/06_eval.ipynb #c4a1e002
+NEIGHBOURS_VERSION = 1   # part of every neighbourhood cache name: a change to what is computed gets new files
+
+def _load_derived(p:Path, reference_sha256:str) -> dict|None:
+    "A derived-array file, if it is whole and was made from the statistics with `reference_sha256`; None otherwise."
+    try:
+        data = p.read_bytes()   # read once: hashed and loaded from the same bytes, whatever another process writes meanwhile
+        meta = json.loads(Path(str(p) + '.json').read_text())
+        if hashlib.sha256(data).hexdigest() != meta.get('sha256'): return None
+        with np.load(io.BytesIO(data)) as z: out = {k: z[k] for k in z.files}
+    except (OSError, ValueError, KeyError): return None
+    return out if str(out.pop('reference_sha256', '')) == reference_sha256 else None
+
 @patch
 def _cached(self:ReferenceStats, key:str, compute) -> dict:
-    "Arrays derived from this reference: from memory, else from `<stats>.<key>.npz` (made from these very statistics), else computed and saved."
+    "Arrays derived from these statistics: from memory, else from `<stats>.<key>.npz` if made from them, else computed (and saved)."
     if key in self.memo: return self.memo[key]
     p = Path(str(self.path)[:-len('.npz')] + f'.{key}.npz') if str(self.path).endswith('.npz') else None
-    out = None
-    if p is not None and _has_entry(p) and json.loads(Path(str(p) + '.json').read_text()).get('reference_sha256') == self.sha256:
-        _read_verified(p)
-        with np.load(p) as z: out = {k: z[k] for k in z.files}
+    out = _load_derived(p, self.sha256) if p is not None else None
     if out is None:
         out = {k: np.asarray(v) for k, v in compute().items()}
         if p is not None:
-            _write_atomic(p, lambda q: np.savez(open(q, 'wb'), **out))
-            _write_sidecar(p, dict(name=p.name, sha256=sha256_file(p), reference=self.name, reference_sha256=self.sha256))
+            buf = io.BytesIO(); np.savez(buf, reference_sha256=np.array(self.sha256), **out); data = buf.getvalue()
+            try:   # the sidecar carries the hash of exactly these bytes; a cache that cannot be written is only slower
+                _write_atomic(p, lambda q: q.write_bytes(data))
+                _write_atomic(Path(str(p) + '.json'), lambda q: q.write_text(json.dumps(dict(
+                    name=p.name, sha256=hashlib.sha256(data).hexdigest(), reference=self.name, reference_sha256=self.sha256), indent=1)))
+            except OSError as e: warnings.warn(f"could not cache {p}: {e}")
     self.memo[key] = out
     return out
 
+# %% ../nbs/06_eval.ipynb #c4a1e00d
 @patch
 def neighbours(self:ReferenceStats, k:int=3, max_ref:int=10_000, seed:int=0) -> dict:
     "k-NN radii (among all rows, within each class), per-class diversity and the leave-one-out nearest distances of a seeded subsample."
@@ -543,20 +559,20 @@ def neighbours(self:ReferenceStats, k:int=3, max_ref:int=10_000, seed:int=0) -> 
             diversity.append(pairwise_diversity(f[m]) if m.sum() >= 2 else float('nan'))
         sub = _subsample(len(f), max_ref, seed)
         fs = (f if sub is None else f[sub]).float()   # validity compares float32 features
-        return dict(radii=knn_radii(f.float(), k), class_radii=class_radii, class_diversity=torch.tensor(diversity),
+        return dict(radii=knn_radii(f.float(), k), class_radii=class_radii, class_diversity=torch.tensor(diversity, dtype=torch.float64),
                     loo_nn=_nn_dist(fs, fs, leave_one_out=True))
-    return self._cached(f'nn-f32-k{k}-m{max_ref}-s{seed}', compute)
+    return self._cached(f'nn-v{NEIGHBOURS_VERSION}-f32-k{k}-m{max_ref}-s{seed}', compute)
 
 @patch
 def pixel_neighbours(self:ReferenceStats, images:torch.Tensor, max_ref:int=10_000, seed:int=0) -> dict:
     "Leave-one-out nearest pixel distances of a seeded subsample of the reference `images`, cached under their checksum."
+    digest = hashlib.sha256(memoryview(images.detach().cpu().contiguous().numpy())).hexdigest()[:12]   # the images as given
     x = _as_float(images)
-    digest = hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest()[:12]
     def compute():
         sub = _subsample(len(x), max_ref, seed)
         xs = (x if sub is None else x[sub]).flatten(1)
         return dict(loo_nn=_nn_dist(xs, xs, leave_one_out=True))
-    return self._cached(f'pixels-{digest}-m{max_ref}-s{seed}', compute)
+    return self._cached(f'pixels-v{NEIGHBOURS_VERSION}-{digest}-m{max_ref}-s{seed}', compute)
 
 # %% ../nbs/06_eval.ipynb #a023a7a6
 def _interactive() -> bool:
@@ -713,11 +729,12 @@ def score_samples(images:torch.Tensor, labels:torch.Tensor, ref:ReferenceStats, 
     reff = torch.from_numpy(ref.feats).double()
     n, n_ref = len(fake), len(reff)
     if n <= k: raise EvalError(f"{n} samples are too few: precision/recall with k={k} needs more than {k}")
-    near = ref.neighbours(k)   # what depends on the reference alone: computed once, cached beside its statistics
+    near = ref.neighbours(k, VALIDITY_MAX_REF, seed=0)   # what depends on the reference alone: computed once, cached beside its statistics
     mu, sigma = gaussian_stats(fake)
     # validity: against the reference images when given (pixels and colour), always in feature space
     valid = None if ref_images is None else sample_validity(
-        images, ref_images, fake, reff, ref_nn=dict(pixels=ref.pixel_neighbours(ref_images)['loo_nn'], features=near['loo_nn']))
+        images, ref_images, fake, reff, max_ref=VALIDITY_MAX_REF, seed=0,
+        ref_nn=dict(pixels=ref.pixel_neighbours(ref_images, VALIDITY_MAX_REF, seed=0)['loo_nn'], features=near['loo_nn']))
     flagged = valid['flagged'] if valid is not None else torch.zeros(len(labels), dtype=torch.bool)
     m = dict(extractor=extractor.name, n=n, n_reference=n_ref, fd=frechet_distance(mu, sigma, ref.mu, ref.sigma))
     sub = min(1000, n, n_ref)
@@ -801,10 +818,12 @@ def eval_context(run, extractor:str='auto', lpips:str='auto', ema:bool=True, cac
                 kind=kind, ref=ref, ref_images=reference_data(cfg.dataset, cfg.img_size, cfg.channels, ref_root)[0], lpips=lp, device=device)
 
 # %% ../nbs/06_eval.ipynb #c2d31975
-def _samples_folder(eval_dir:Path, tag:str, sample_tag:str) -> Path:
-    "Where a result's samples live: named by how they were drawn; a folder named by the result tag (older layout) is reused."
+def _samples_folder(eval_dir:Path, tag:str, sample_tag:str, settings:dict) -> Path:
+    "Where a result's samples live: named by how they were drawn; a folder named by the result tag (older layout) if it holds these very samples."
     new, old = eval_dir / 'samples' / sample_tag, eval_dir / 'samples' / tag
-    return old if (old / 'manifest.json').is_file() and not (new / 'manifest.json').is_file() else new
+    if (new / 'manifest.json').is_file() or not (old / 'manifest.json').is_file(): return new
+    held = json.loads((old / 'manifest.json').read_text())['settings']
+    return old if all(held.get(k) == v for k, v in settings.items()) else new
 
 def evaluate_run(run, # run folder or checkpoint, or an `eval_context` (then its extractor, lpips, ema, cache, data_root and device apply)
                  n_per_class:int|None=50, n_total:int|None=None, tag:str|None=None, extractor:str='auto',
@@ -820,13 +839,17 @@ def evaluate_run(run, # run folder or checkpoint, or an `eval_context` (then its
         raise EvalError(f"n={n_check} is too small: improved precision/recall with k={k} needs more than {k} samples "
                         f"{'per class' if n_per_class is not None else 'in all'}")
     if n_total is not None and n_total < 20: raise EvalError(f"n_total={n_total} is too small: PRD needs at least 20 samples")
+    if isinstance(run, dict) and not {'run', 'extractor', 'ref'} <= set(run):
+        raise EvalError("evaluate_run takes a run folder, a checkpoint or an eval_context(...); this dict is neither (a load_run dict goes to generate)")
     ctx = run if isinstance(run, dict) else eval_context(run, extractor, lpips, ema, cache, data_root, device, quiet)
     r, ext, ref, lp = ctx['run'], ctx['extractor'], ctx['ref'], ctx['lpips']
     cfg = r['cfg']
     omega = cfg.guidance if guidance is None else float(guidance)
     steps_eff = cfg.T if sampler == 'ddpm' else steps
     tag = tag or _tag(r['ema'], sampler, steps_eff, omega, n_per_class, n_total, seed, ctx['kind'])
-    folder = _samples_folder(ctx['eval_dir'], tag, _sample_tag(r['ema'], sampler, steps_eff, omega, n_per_class, n_total, seed, r['step'], shard_size))
+    folder = _samples_folder(ctx['eval_dir'], tag, _sample_tag(r['ema'], sampler, steps_eff, omega, n_per_class, n_total, seed, r['step'], shard_size),
+                             dict(checkpoint_sha256=r['checkpoint_sha256'], step=r['step'], ema=r['ema'], sampler=sampler, steps=steps_eff, guidance=omega,
+                                  seed=seed, n_per_class=n_per_class, n_total=n_total, shard_size=shard_size))
     t_setup, t1 = time.time() - t0, time.time()
     reused = len(list(folder.glob('shard_*.npz')))   # shards already on disk (a resumed, repeated or differently scored evaluation)
     samples = generate(r, folder, n_per_class, n_total, omega, sampler, steps, seed=seed, ema=r['ema'], shard_size=shard_size,
@@ -908,7 +931,7 @@ def eval_cli(argv=None):
     p.add_argument('run', nargs='?', help='run folder (holding checkpoint.pt) or a checkpoint file')
     p.add_argument('--n_per_class', type=int, default=50, help='samples per class (default 50)')
     p.add_argument('--n_total', type=int, help='instead: this many samples with uniformly drawn labels (the official sampler)')
-    p.add_argument('--tag', help='name of the result files and sample folder (default: from the settings)')
+    p.add_argument('--tag', help='name of the result files (default: from the settings; the sample folder is always named by how the samples were drawn)')
     p.add_argument('--extractor', default='auto', help="'auto' (default), 'offline' (coral_nb CNN) or 'inception' (torch-fidelity inception-v3-compat; downloads weights)")
     p.add_argument('--guidance', type=finite_float, help="classifier-free guidance omega (default: the run's)")
     p.add_argument('--sampler', default='ddim', help="'ddim' (default) or 'ddpm' (ancestral, all T steps: the paper's)")
@@ -1078,7 +1101,7 @@ def time_scoring(n:int=50_000, dim:int=2048, n_classes:int=10, size:int=32, cach
     g = torch.Generator().manual_seed(seed)
     ref_img, fake_img = (torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8) for _ in range(2))
     mu, sigma = gaussian_stats(ref_f)
-    path = cache_dir(cache) / 'reference' / f'synthetic-{n}x{dim}-s{seed}.npz'
+    path = (Path(cache) if cache is not None else Path(tempfile.mkdtemp())) / 'reference' / f'synthetic-{n}x{dim}-s{seed}.npz'   # never the user's cache
     counts = [max(1, round(5000 * 0.01 ** (c / max(1, n_classes - 1)))) for c in range(n_classes)]   # CIFAR-10-LT's groups
     seconds, res = [], None
     for _ in range(calls):
