@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import coral_nb
 from .data import digits, image_folder, data_dir, class_groups, head_tail, classes_by_frequency, to_image, finite_float, positive_int
 from .ddpm import Diffusion, ddpm_sample, ddim_sample
-from .train import load_checkpoint, check_device, model_from_loaded, load_training_data, ImageBank
+from .train import load_checkpoint, check_device, model_from_loaded, load_training_data, ImageBank, git_commit
 
 # %% auto #0
 __all__ = ['OFFLINE_EXTRACTOR', 'INCEPTION', 'INCEPTION_FILE', 'VALIDITY_MAX_REF', 'VALIDITY_REASONS', 'NEIGHBOURS_VERSION',
@@ -27,9 +27,9 @@ __all__ = ['OFFLINE_EXTRACTOR', 'INCEPTION', 'INCEPTION_FILE', 'VALIDITY_MAX_REF
            'to_uint8', 'reference_data', 'train_classifier', 'classifier_accuracy', 'Extractor', 'offline_extractor',
            'inception_weights_path', 'inception_extractor', 'ReferenceStats', 'reference_stats', 'lpips_model',
            'lpips_diversity', 'pairwise_diversity', 'sample_validity', 'validity_report', 'checkpoint_file', 'load_run',
-           'generate', 'load_samples', 'default_thresholds', 'aggregate_groups', 'score_samples', 'git_commit',
-           'resolve_extractor', 'eval_context', 'evaluate_run', 'per_class_table', 'group_table', 'markdown_report',
-           'eval_cli', 'plot_vs_class_size', 'compare_runs', 'plot_comparison', 'guidance_sweep', 'plot_guidance_sweep',
+           'generate', 'load_samples', 'default_thresholds', 'aggregate_groups', 'score_samples', 'resolve_extractor',
+           'eval_context', 'evaluate_run', 'per_class_table', 'group_table', 'markdown_report', 'eval_cli',
+           'plot_vs_class_size', 'compare_runs', 'plot_comparison', 'guidance_sweep', 'plot_guidance_sweep',
            'nearest_training', 'borrow_copy_stats', 'show_nearest', 'synthetic_features', 'GivenFeatures',
            'time_scoring']
 
@@ -762,16 +762,6 @@ def score_samples(images:torch.Tensor, labels:torch.Tensor, ref:ReferenceStats, 
 
 # %% ../nbs/06_eval.ipynb #f8e3fcea
 EXTRACTORS = ('auto', 'offline', 'inception')
-
-def git_commit() -> str|None:
-    "The git commit of the coral_nb checkout (with '-dirty' if it has uncommitted changes); outside git, $CORAL_NB_GIT_COMMIT (a copied checkout) or None."
-    where = Path(coral_nb.__file__).resolve().parent
-    try:
-        sha = subprocess.run(['git', '-C', str(where), 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=10)
-        if sha.returncode: return os.environ.get('CORAL_NB_GIT_COMMIT')
-        dirty = subprocess.run(['git', '-C', str(where), 'status', '--porcelain', '--untracked-files=no'], capture_output=True, text=True, timeout=10)
-        return sha.stdout.strip() + ('-dirty' if dirty.stdout.strip() else '')
-    except (OSError, subprocess.SubprocessError): return os.environ.get('CORAL_NB_GIT_COMMIT')
 
 def _extractor_kind(name:str, dataset:str) -> str:
     "What `name` resolves to for `dataset`: 'auto' is Inception when its weights are already local and the data are not digits."

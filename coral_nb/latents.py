@@ -13,7 +13,7 @@ import torch
 from .ddpm import Diffusion, NULL_LABEL
 from .unet import BottleneckHook, unwrap_model
 from .data import TensorImages, get_targets
-from .train import EpochBatches
+from .train import EpochBatches, git_commit
 
 # %% auto #0
 __all__ = ['bottleneck_features', 'official_features', 'knn_labels', 'knn_purity', 'purity_chance', 'borrowing',
@@ -301,9 +301,7 @@ def class_consistency(clf, images, y, n_classes:int|None=None) -> np.ndarray:
 def provenance(cfg=None, **extra) -> dict:
     "Where a result came from: git commit, time, machine, torch version, and the training configuration."
     from dataclasses import asdict, is_dataclass
-    try: commit = subprocess.run(['git', 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=10).stdout.strip() or None
-    except Exception: commit = None
-    d = dict(git_commit=commit, time_utc=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), machine=platform.processor() or platform.machine(),
+    d = dict(git_commit=git_commit(), time_utc=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()), machine=platform.processor() or platform.machine(),
              torch=torch.__version__, threads=torch.get_num_threads())
     if cfg is not None: d['config'] = asdict(cfg) if is_dataclass(cfg) else dict(cfg)
     return {**d, **extra}

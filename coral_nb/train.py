@@ -24,7 +24,7 @@ __all__ = ['CHOICES', 'RANGES', 'RESUMABLE_FIELDS', 'PAPER_SETTINGS', 'OWN_EVALU
            'TrainConfig', 'ConfigError', 'check_config', 'data_seed', 'config_diff', 'config_from_dict', 'preset',
            'ImageBank', 'EpochBatches', 'load_training_data', 'build_model', 'build_method', 'make_ema', 'ema_update',
            'dist_info', 'init_distributed', 'gather_features', 'average_gradients', 'NonFiniteLoss', 'RunFolderError',
-           'RunInUse', 'CheckpointError', 'TrainingInterrupted', 'seed_everything', 'RunLock', 'Trainer',
+           'RunInUse', 'CheckpointError', 'TrainingInterrupted', 'seed_everything', 'RunLock', 'git_commit', 'Trainer',
            'load_checkpoint', 'check_device', 'check_run_folder', 'model_from_loaded', 'model_from_checkpoint',
            'sample_grid', 'grid_image', 'save_grid', 'class_labels', 'train', 'distributed_step_check']
 
@@ -459,6 +459,18 @@ class RunLock:
     def __del__(self):
         try: self.release()
         except Exception: pass
+
+# %% ../nbs/05_train.ipynb #g1c0e002
+def git_commit() -> str|None:
+    "The git commit of the coral_nb checkout (with '-dirty' if it has uncommitted changes); outside git, $CORAL_NB_GIT_COMMIT (a copied checkout) or None."
+    import subprocess, coral_nb
+    where = Path(coral_nb.__file__).resolve().parent
+    try:
+        sha = subprocess.run(['git', '-C', str(where), 'rev-parse', 'HEAD'], capture_output=True, text=True, timeout=10)
+        if sha.returncode: return os.environ.get('CORAL_NB_GIT_COMMIT')
+        dirty = subprocess.run(['git', '-C', str(where), 'status', '--porcelain', '--untracked-files=no'], capture_output=True, text=True, timeout=10)
+        return sha.stdout.strip() + ('-dirty' if dirty.stdout.strip() else '')
+    except (OSError, subprocess.SubprocessError): return os.environ.get('CORAL_NB_GIT_COMMIT')
 
 # %% ../nbs/05_train.ipynb #bc5e1137
 def _in_notebook() -> bool:
