@@ -28,7 +28,7 @@ def _field_type(f):
 def field_help() -> dict[str, str]:
     "Each TrainConfig field's explanation: the comment beside it in the class's source."
     import inspect, io, tokenize
-    try: lines = inspect.getsource(TrainConfig).splitlines()
+    try: lines = [l for cls in TrainConfig.__mro__ if dataclasses.is_dataclass(cls) for l in inspect.getsource(cls).splitlines()]
     except (OSError, TypeError): return {}
     out = {}
     for line in lines:

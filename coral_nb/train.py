@@ -21,18 +21,18 @@ from .coral import make_method, METHODS, Draws
 
 # %% auto #0
 __all__ = ['CHOICES', 'RANGES', 'RESUMABLE_FIELDS', 'PAPER_SETTINGS', 'OWN_EVALUATION', 'PRESETS', 'MODELS', 'CHECKPOINT_FORMAT',
-           'TrainConfig', 'ConfigError', 'check_config', 'data_seed', 'config_diff', 'config_from_dict', 'preset',
-           'ImageBank', 'EpochBatches', 'load_training_data', 'build_model', 'build_method', 'make_ema', 'ema_update',
-           'dist_info', 'init_distributed', 'gather_features', 'average_gradients', 'NonFiniteLoss', 'RunFolderError',
-           'RunInUse', 'CheckpointError', 'TrainingInterrupted', 'seed_everything', 'RunLock', 'git_commit', 'Trainer',
-           'load_checkpoint', 'check_device', 'check_run_folder', 'model_from_loaded', 'model_from_checkpoint',
-           'sample_grid', 'grid_image', 'save_grid', 'class_labels', 'train', 'distributed_step_check']
+           'RunSetting', 'TrainConfig', 'ConfigError', 'check_config', 'data_seed', 'config_diff', 'config_from_dict',
+           'preset', 'ImageBank', 'EpochBatches', 'load_training_data', 'build_model', 'build_method', 'make_ema',
+           'ema_update', 'dist_info', 'init_distributed', 'gather_features', 'average_gradients', 'NonFiniteLoss',
+           'RunFolderError', 'RunInUse', 'CheckpointError', 'TrainingInterrupted', 'seed_everything', 'RunLock',
+           'git_commit', 'Trainer', 'load_checkpoint', 'check_device', 'check_run_folder', 'model_from_loaded',
+           'model_from_checkpoint', 'sample_grid', 'grid_image', 'save_grid', 'class_labels', 'train',
+           'distributed_step_check']
 
 # %% ../nbs/05_train.ipynb #763d28dd
 @dataclass
-class TrainConfig:
-    "Everything that defines a training run (saved as config.json and inside every checkpoint)."
-    def __post_init__(self): check_config(self)  # every value is checked when a configuration is made (below)
+class RunSetting:
+    "What a run learns from and with: the data, the U-Net, the method and the noise schedule (the first fields of `TrainConfig`)."
     # data
     dataset:str = 'digits' # 'digits' (offline), 'cifar10', 'cifar100', 'folder' (root/<class>/<img>), 'imagenet_lt' (list file)
     root:str|None = None # dataset root (cifar: torchvision folder; folder: the tree; imagenet_lt: the image root)
@@ -64,6 +64,12 @@ class TrainConfig:
     T:int = 1000 # number of diffusion steps
     beta_1:float = 1e-4 # linear noise schedule: the first beta
     beta_T:float = 0.02 # linear noise schedule: the last beta
+
+# %% ../nbs/05_train.ipynb #tc0c0002
+@dataclass
+class TrainConfig(RunSetting):
+    "Everything that defines a training run (saved as config.json and inside every checkpoint): `RunSetting`, then how to optimise, sample and save."
+    def __post_init__(self): check_config(self)  # every value is checked when a configuration is made (below)
     # optimisation
     steps:int = 1500 # training steps in all (raise it to extend a finished run)
     batch_size:int = 64 # global batch (split across GPUs under DDP)
@@ -802,6 +808,7 @@ class _Signals:
         self.caught = self.caught or signal.Signals(signum).name
         if again or self.drawing: raise _StopNow()   # a sample grid changes no training state: abandon it at once
 
+# %% ../nbs/05_train.ipynb #fs0c0002
 def _interrupted(self:Trainer, signame:str, saved:bool=True) -> TrainingInterrupted:
     ck = self.out / 'checkpoint.pt'
     if saved: msg = (f"interrupted by {signame} at step {self.step}: checkpoint saved to {ck}; "
@@ -809,6 +816,30 @@ def _interrupted(self:Trainer, signame:str, saved:bool=True) -> TrainingInterrup
     else: msg = f"interrupted twice by {signame}: stopped at once without saving; the last checkpoint in {self.out} is from step {self.last_good}"
     return TrainingInterrupted(msg, signame, self.step if saved else self.last_good, ck)
 
+# %% ../nbs/05_train.ipynb #fs0c0004
+def _check_finite(self:Trainer, bad, n:int):
+    "Raise `NonFiniteLoss` if any of the last `n` losses was NaN or inf (`bad`: a device flag, read here only)."
+    if self.ddp:  # stop every rank, not just the one that saw it
+        bad = bad.int(); dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad is not None and bool(bad):   # the only host sync: once per log/checkpoint interval
+        where = f"last good checkpoint: step {self.last_good}" if self.last_good is not None else "no checkpoint was written"
+        raise NonFiniteLoss(f"the loss became NaN or inf between steps {self.step - n + 1} and {self.step}; "
+                            f"stopping ({where}, kept in {self.out}). Lower lr or check the data.")
+
+def _record(self:Trainer, rec:dict, hist:list, mb, it):
+    "Append a metrics row to metrics.jsonl, and show it: the live plot in a notebook, one log line elsewhere."
+    with open(self.out / 'metrics.jsonl', 'a') as f: f.write(json.dumps(rec) + '\n')
+    hist.append(rec)
+    if mb is None: return self.log(' '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+    steps = [h['step'] for h in hist]
+    mb.update_graph([[steps, [h['loss'] for h in hist]], [steps, [h['diffusion'] for h in hist]]])
+    mb.graph_ax.set_xlabel('training step'); mb.graph_ax.set_ylabel(f'mean over {self.cfg.log_every} steps')
+    mb.graph_out.update(mb.graph_fig)
+    if hasattr(it, 'comment'): it.comment = f"loss {rec['loss']:.4f}"
+
+Trainer._check_finite, Trainer._record = _check_finite, _record
+
+# %% ../nbs/05_train.ipynb #fs0c0006
 def _fit(self:Trainer, stop_at:int|None=None, progress:bool|None=None) -> Path:
     "Train to `cfg.steps` (or stop early at `stop_at`, as if interrupted); return the run folder. Lets go of the folder when it ends."
     cfg = self.cfg
@@ -826,14 +857,6 @@ def _fit(self:Trainer, stop_at:int|None=None, progress:bool|None=None) -> Path:
         sums, n, bad, t0, hist = {}, 0, None, time.time(), []
         self.log(f"training {cfg.method} on {cfg.dataset} ({len(self.bank)} images, {len(self.bank.class_counts)} classes) "
                  f"on {self.device} x{self.world}: steps {self.step} -> {end}, run folder {self.out}")
-        def check_finite():
-            nonlocal bad
-            if self.ddp:  # stop every rank, not just the one that saw it
-                bad = bad.int(); dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            if bad is not None and bool(bad):   # the only host sync: once per log/checkpoint interval
-                where = f"last good checkpoint: step {self.last_good}" if self.last_good is not None else "no checkpoint was written"
-                raise NonFiniteLoss(f"the loss became NaN or inf between steps {self.step - n + 1} and {self.step}; "
-                                    f"stopping ({where}, kept in {self.out}). Lower lr or check the data.")
         # signals are caught in the main thread of a single process (under torchrun, the last periodic checkpoint is the resume point)
         signals = _Signals(enabled=not self.ddp and threading.current_thread() is threading.main_thread())
         try:
@@ -845,18 +868,10 @@ def _fit(self:Trainer, stop_at:int|None=None, progress:bool|None=None) -> Path:
                     n += 1
                     at_log, at_ckpt = self.step % cfg.log_every == 0 or self.step == end, self.step % cfg.ckpt_every == 0 or self.step == end
                     if at_log or at_ckpt:
-                        check_finite()
+                        self._check_finite(bad, n)
                         rec = {'step': self.step, **{k: round(v.item() / n, 6) for k, v in sums.items()}, 'lr': self.sched.get_last_lr()[0],
                                'imgs_per_s': round(n * cfg.batch_size / (time.time() - t0), 1)}
-                        if self.main:
-                            with open(self.out / 'metrics.jsonl', 'a') as f: f.write(json.dumps(rec) + '\n')
-                            hist.append(rec)
-                            if mb is not None:
-                                mb.update_graph([[[h['step'] for h in hist], [h['loss'] for h in hist]], [[h['step'] for h in hist], [h['diffusion'] for h in hist]]])
-                                mb.graph_ax.set_xlabel('training step'); mb.graph_ax.set_ylabel(f'mean over {cfg.log_every} steps')
-                                mb.graph_out.update(mb.graph_fig)
-                                if hasattr(it, 'comment'): it.comment = f"loss {rec['loss']:.4f}"
-                            else: self.log(' '.join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+                        if self.main: self._record(rec, hist, mb, it)
                         sums, n, bad, t0 = {}, 0, None, time.time()
                     if at_ckpt: self.save()
                     if signals.caught: break
@@ -873,13 +888,14 @@ def _fit(self:Trainer, stop_at:int|None=None, progress:bool|None=None) -> Path:
                 import matplotlib.pyplot as plt
                 plt.close(mb.graph_fig)   # shown once, live; not again when the cell ends
         if signals.caught:
-            check_finite()   # never overwrite the last good checkpoint with a broken one
+            self._check_finite(bad, n)   # never overwrite the last good checkpoint with a broken one
             if self.last_good != self.step: self.save()
             raise self._interrupted(signals.caught) from None
         if self.ddp_ready(): dist.barrier()
         return self.out
     finally: self.close()
 
+# %% ../nbs/05_train.ipynb #fs0c0008
 Trainer.fit, Trainer._interrupted = _fit, _interrupted
 
 def train(cfg:TrainConfig, out:str|Path, device=None, resume:bool=True, overwrite:bool=False, **kw) -> Path:
