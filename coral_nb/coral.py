@@ -12,13 +12,14 @@ from torch import nn
 from fastcore.basics import patch  # adds methods to a class cell by cell
 
 from .ddpm import Diffusion, NULL_LABEL
-from .unet import BottleneckHook
+from .unet import BottleneckHook, unwrap_model
 from .supcon import supcon_loss
 
 # %% auto #0
 __all__ = ['DROP_MODES', 'LOSS_PARTS', 'WEIGHTINGS', 'METHODS', 'coral_weight', 'ProjectionHead', 'drop_labels', 'with_nulls',
            'Draws', 'eps_mse', 'DDPMLoss', 'CBDMLoss', 'T2HLoss', 'CoralTerm', 'CORALLoss', 'CORALCBDMLoss',
-           'make_method']
+           'make_method', 'prepare_model', 'register_method', 'LowRankConv2d', 'add_low_rank', 'low_rank_gate',
+           'CMLoss', 'self_info_nce', 'CCUALoss']
 
 # %% ../nbs/04_coral.ipynb #84b69ae1
 def coral_weight(t, # timesteps [B] (0-based indices) or a number
@@ -105,6 +106,9 @@ class DDPMLoss(nn.Module):
         return Draws(t, noise, keep, self.extra_draws(x0, y, generator))
 
     def extra_draws(self, x0, y, generator) -> dict: return {}
+
+    @classmethod
+    def prepare_model(cls, model:nn.Module) -> nn.Module: return model   # a method that changes the U-Net overrides this
 
 
 # %% ../nbs/04_coral.ipynb #66bd80bb
@@ -252,10 +256,139 @@ class CORALCBDMLoss(CBDMLoss):
 # %% ../nbs/04_coral.ipynb #987f7440
 METHODS = {m.name: m for m in (DDPMLoss, CBDMLoss, T2HLoss, CORALLoss, CORALCBDMLoss)}
 
+def _accepted(fn, kwargs:dict) -> dict:
+    import inspect
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in kwargs.items() if k in params}
+
+def _method_class(name:str) -> type:
+    if name not in METHODS: raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
+    return METHODS[name]
+
 def make_method(name:str, diffusion:Diffusion|None=None, **kwargs) -> DDPMLoss:
     "The method called `name` from `METHODS`, built with the keyword arguments it accepts (others are ignored)."
-    import inspect
-    if name not in METHODS: raise ValueError(f"unknown method {name!r}; valid methods: {', '.join(METHODS)}")
-    cls = METHODS[name]
-    accepted = inspect.signature(cls.__init__).parameters
-    return cls(diffusion, **{k: v for k, v in kwargs.items() if k in accepted})
+    cls = _method_class(name)
+    return cls(diffusion, **_accepted(cls.__init__, kwargs))
+
+def prepare_model(name:str, model:nn.Module, **kwargs) -> nn.Module:
+    "`model` as method `name` trains it (CM adds its low-rank branch; the others leave it as it is)."
+    cls = _method_class(name)
+    return cls.prepare_model(model, **_accepted(cls.prepare_model, kwargs))
+
+def register_method(cls:type) -> type:
+    "Add a `DDPMLoss` subclass to `METHODS` under its own `name` (a redefinition of the same class replaces it)."
+    if not (isinstance(cls, type) and issubclass(cls, DDPMLoss)): raise TypeError(f"a method is a subclass of DDPMLoss; got {cls!r}")
+    name = cls.__dict__.get('name')
+    if not isinstance(name, str) or not name: raise ValueError(f"{cls.__name__} needs its own class attribute `name` (a non-empty string)")
+    old = METHODS.get(name)
+    if old is not None and old.__qualname__ != cls.__qualname__:
+        raise ValueError(f"method name {name!r} is taken by {old.__qualname__}; choose another name for {cls.__qualname__}")
+    METHODS[name] = cls
+    return cls
+
+# %% ../nbs/04_coral.ipynb #lt527c1b
+import math
+from contextlib import contextmanager
+
+class LowRankConv2d(nn.Module):
+    "A convolution with weight W_g + BA (CM's reserved capacity); `gate` [B] (set by `low_rank_gate`) switches BA per sample."
+    def __init__(self, conv:nn.Conv2d, rank_ratio:float=0.1):
+        super().__init__()
+        c_out, c_in, k, k2 = conv.weight.shape
+        if k != k2 or conv.groups != 1: raise ValueError(f"a low-rank branch needs a square, ungrouped convolution; got kernel {(k, k2)}, groups {conv.groups}")
+        if not 0 < rank_ratio <= 1: raise ValueError(f"rank_ratio must be in (0, 1]; got {rank_ratio}")
+        self.base, self.rank = conv, max(int(rank_ratio * min(c_in, c_out)), 1)
+        self.A = nn.Parameter(torch.empty(self.rank * k, c_in * k))
+        nn.init.kaiming_normal_(self.A, a=math.sqrt(5))
+        self.B = nn.Parameter(torch.zeros(c_out * k, self.rank * k))   # zero: the model starts as the plain U-Net
+        self.gate = None
+
+    def delta(self) -> torch.Tensor: return (self.B @ self.A).view(self.base.weight.shape)
+
+    def forward(self, x:torch.Tensor) -> torch.Tensor:
+        conv = self.base
+        if self.gate is None: return conv._conv_forward(x, conv.weight + self.delta(), conv.bias)   # merged: one convolution
+        branch = F.conv2d(x, self.delta(), None, conv.stride, conv.padding, conv.dilation)          # conv is linear in its weight
+        return conv(x) + self.gate.view(-1, 1, 1, 1).to(branch.dtype) * branch
+
+# %% ../nbs/04_coral.ipynb #ltc74300
+def add_low_rank(model:nn.Module, rank_ratio:float=0.1, part:str='up') -> list[str]:
+    "Give every 3x3 convolution under `model.<part>` a low-rank branch (in place); the names of the convolutions changed."
+    root = unwrap_model(model)
+    if not hasattr(root, part): raise ValueError(f"the model has no part {part!r} (a U-Net has 'down', 'bottleneck', 'up')")
+    if any(isinstance(m, LowRankConv2d) for m in root.modules()): raise ValueError("the model already has a low-rank branch")
+    changed = []
+    for name, module in list(getattr(root, part).named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Conv2d and child.kernel_size == (3, 3):
+                setattr(module, child_name, LowRankConv2d(child, rank_ratio))
+                changed.append('.'.join(filter(None, (part, name, child_name))))
+    return changed
+
+@contextmanager
+def low_rank_gate(model:nn.Module, gate:torch.Tensor):
+    "Within the block, sample i of the next forward calls uses the branch if gate[i] is 1 and not if it is 0."
+    branches = [m for m in model.modules() if isinstance(m, LowRankConv2d)]
+    if not branches: raise ValueError("the model has no low-rank branch: add one with add_low_rank (the 'cm' method does it)")
+    for m in branches: m.gate = gate
+    try: yield branches
+    finally:
+        for m in branches: m.gate = None
+
+# %% ../nbs/04_coral.ipynb #ltc05435
+class CMLoss(DDPMLoss):
+    "Capacity Manipulation: DDPM with a low-rank decoder branch that head classes learn not to need and tail classes to use."
+    name = 'cm'
+    def __init__(self, diffusion=None, p_uncond=0.1, drop_mode='sample', class_counts=None,
+                 cm_weight:float=1.0, # lambda: weight of the consistency/diversity term
+                 w_con:float=1.0, # consistency weight (times K p_y)
+                 w_div:float=0.2, # diversity weight (times K q_y); the released code's 0.2
+                ):
+        super().__init__(diffusion, p_uncond, drop_mode, class_counts)
+        if class_counts is None: raise ValueError("CM needs class_counts (training images per class) for its class weights")
+        p = self.class_counts / self.class_counts.sum()
+        q = (1 / p) / (1 / p).sum()
+        self.register_buffer('class_weight', len(p) * cm_weight * (w_con * p - w_div * q), persistent=False)
+
+    @classmethod
+    def prepare_model(cls, model:nn.Module, rank_ratio:float=0.1) -> nn.Module:
+        add_low_rank(model, rank_ratio); return model
+
+    def objective(self, model, x0, x_t, y, y_in, d):
+        gate = torch.cat([x_t.new_ones(len(x0)), x_t.new_zeros(len(x0))])
+        with low_rank_gate(model, gate):
+            eps_on, eps_off = model(torch.cat([x_t, x_t]), torch.cat([d.t, d.t]), torch.cat([y_in, y_in])).chunk(2)
+        gap = eps_mse(eps_on, eps_off)
+        return self.parts(diffusion=eps_mse(eps_on, d.noise).mean(), reg=(self.class_weight.to(y.device)[y] * gap).mean(),
+                          cm_gap=gap.mean().detach())
+
+# %% ../nbs/04_coral.ipynb #ltf2fc83
+def self_info_nce(h:torch.Tensor, temperature:float=0.1) -> torch.Tensor:
+    "Per-sample InfoNCE [B] on features [B, ...]: each row is its own positive, the other rows its negatives (cosine / temperature)."
+    z = F.normalize(h.flatten(1).float(), dim=1)
+    logits = z @ z.T / temperature
+    return F.cross_entropy(logits, torch.arange(len(z), device=z.device), reduction='none')
+
+class CCUALoss(DDPMLoss):
+    "CCUA: DDPM + (t/T)-weighted InfoNCE on unconditional bottleneck features + (t/T)-weighted MSE between eps(y) and eps(null)."
+    name = 'ccua'
+    def __init__(self, diffusion=None, p_uncond=0.1, drop_mode='sample', class_counts=None,
+                 alpha:float=1.0, # weight of the InfoNCE term (the released code's ccua_ucl)
+                 gamma:float=1.0, # weight of the alignment term (ccua_al)
+                 ccua_temperature:float=0.1, # InfoNCE temperature
+                ):
+        super().__init__(diffusion, p_uncond, drop_mode, class_counts)
+        if not ccua_temperature > 0: raise ValueError(f"ccua_temperature must be > 0; got {ccua_temperature}")
+        self.alpha, self.gamma, self.temperature = alpha, gamma, ccua_temperature
+
+    def objective(self, model, x0, x_t, y, y_in, d):
+        B, w = len(x0), d.t.float() / self.diffusion.T
+        with BottleneckHook(model) as hook:
+            eps, eps_unc = model(torch.cat([x_t, x_t]), torch.cat([d.t, d.t]), torch.cat([y_in, torch.full_like(y_in, NULL_LABEL)])).chunk(2)
+        info_nce = self_info_nce(hook.features[B:], self.temperature)
+        align = eps_mse(eps, eps_unc) * d.keep
+        return self.parts(diffusion=eps_mse(eps, d.noise).mean(), reg=self.gamma * (w * align).mean(),
+                          supcon=self.alpha * (w * info_nce).mean(), info_nce_raw=info_nce.mean().detach())
+
+# %% ../nbs/04_coral.ipynb #lt80a218
+for _method in (CMLoss, CCUALoss): register_method(_method)

@@ -20,18 +20,18 @@ import numpy as np, torch
 import coral_nb
 from .data import digits, image_folder, head_tail, classes_by_frequency
 from .coral import METHODS
-from .train import Trainer, TrainConfig, preset, PRESETS, PAPER_SETTINGS, OWN_EVALUATION, model_from_checkpoint
+from .train import Trainer, TrainConfig, preset, PRESETS, PAPER_SETTINGS, LATER_METHODS, OWN_EVALUATION, model_from_checkpoint
 from .eval import evaluate_run, git_commit, _write_atomic
 from .train import load_training_data
 from .latents import official_features, overlap_summary, read_metrics, logged_seconds, balanced_like
 
 # %% ../nbs/08_reproduce.ipynb #9ea5fb66
 def preset_table(settings=tuple(PAPER_SETTINGS)):
-    "The paper presets side by side: what each method trains with in each CIFAR setting."
+    "The CIFAR presets side by side: what each method (the paper's, then the later ones) trains with in each setting."
     import pandas as pd
     rows = []
     for s in settings:
-        for m in PAPER_SETTINGS[s][4]:
+        for m in (*PAPER_SETTINGS[s][4], *LATER_METHODS):
             c = PRESETS[f'{s}_{m}']
             rows.append(dict(setting=s, method=m, steps=c.steps, batch=c.batch_size, lr=c.lr, warmup=c.warmup, ema=c.ema_decay,
                              omega=c.guidance, w=c.w if m == 'coral' else None, tau_sc=c.temperature if m == 'coral' else None,
@@ -340,7 +340,7 @@ def difference_table(df, measures, a:str='ddpm', b:str='coral'):
     return pd.DataFrame(rows).set_index('measure')[['mean_diff', 'sd_diff', 'spread', 'same_sign', 'exceeds_spread', 'better', 'diffs']]
 
 # %% ../nbs/08_reproduce.ipynb #688dca02
-METHOD_COLOURS = {'ddpm': 'C0', 'cbdm': 'C1', 't2h': 'C2', 'coral': 'C3', 'coral+cbdm': 'C4'}
+METHOD_COLOURS = {'ddpm': 'C0', 'cbdm': 'C1', 't2h': 'C2', 'coral': 'C3', 'coral+cbdm': 'C4', 'cm': 'C5', 'ccua': 'C6'}
 
 def plot_seeds(df, measures, methods=None, axs=None, titles=None):
     "One panel per measure: each seed a dot, the seed mean a bar, methods side by side."
@@ -399,7 +399,7 @@ def study_grid(run, classes, n_per_class:int=8, sampler:str='ddim', steps:int=50
     return grid_image(x, n_per_class, names)
 
 # %% ../nbs/08_reproduce.ipynb #02c1c668
-def digits_study_jobs(methods=('ddpm', 'cbdm', 't2h', 'coral'), seeds=(0, 1, 2)) -> list[dict]:
+def digits_study_jobs(methods=('ddpm', 'cbdm', 't2h', 'coral', 'cm', 'ccua'), seeds=(0, 1, 2)) -> list[dict]:
     "Every run of the digits study as `run_study` keyword arguments: methods x seeds, CORAL's w sweep, training length, relative imbalance."
     jobs = [dict(cfg=study_config('digits', m, s), name=study_name('digits', m, s)) for s in seeds for m in methods]
     jobs += [dict(cfg=study_config('digits', 'coral', 0, w=w), name=study_name('digits', 'coral', 0, w=w)) for w in (0.2, 0.5, 1.0, 2.0, 5.0, 20.0)]

@@ -17,17 +17,17 @@ import torch.distributed as dist
 from .data import digits_lt, cifar_lt, image_folder_lt, ImageList, classes_by_frequency, PROFILES, KEEP_ALL, SELECTIONS
 from .ddpm import Diffusion, ddim_sample, ddpm_sample
 from .unet import unet_cifar, unet_64, unet_tiny, unwrap_model
-from .coral import make_method, METHODS, Draws
+from .coral import make_method, prepare_model, METHODS, Draws
 
 # %% auto #0
-__all__ = ['CHOICES', 'RANGES', 'RESUMABLE_FIELDS', 'PAPER_SETTINGS', 'OWN_EVALUATION', 'PRESETS', 'MODELS', 'CHECKPOINT_FORMAT',
-           'RunSetting', 'TrainConfig', 'ConfigError', 'check_config', 'data_seed', 'config_diff', 'config_from_dict',
-           'preset', 'ImageBank', 'EpochBatches', 'load_training_data', 'build_model', 'build_method', 'make_ema',
-           'ema_update', 'dist_info', 'init_distributed', 'gather_features', 'average_gradients', 'NonFiniteLoss',
-           'RunFolderError', 'RunInUse', 'CheckpointError', 'TrainingInterrupted', 'seed_everything', 'RunLock',
-           'git_commit', 'Trainer', 'load_checkpoint', 'check_device', 'check_run_folder', 'model_from_loaded',
-           'model_from_checkpoint', 'sample_grid', 'grid_image', 'save_grid', 'class_labels', 'train',
-           'distributed_step_check']
+__all__ = ['CHOICES', 'RANGES', 'RESUMABLE_FIELDS', 'PAPER_SETTINGS', 'LATER_METHODS', 'OWN_EVALUATION', 'PRESETS', 'MODELS',
+           'CHECKPOINT_FORMAT', 'RunSetting', 'TrainConfig', 'ConfigError', 'check_config', 'data_seed', 'config_diff',
+           'config_from_dict', 'preset', 'ImageBank', 'EpochBatches', 'load_training_data', 'build_model',
+           'build_method', 'make_ema', 'ema_update', 'dist_info', 'init_distributed', 'gather_features',
+           'average_gradients', 'NonFiniteLoss', 'RunFolderError', 'RunInUse', 'CheckpointError', 'TrainingInterrupted',
+           'seed_everything', 'RunLock', 'git_commit', 'Trainer', 'load_checkpoint', 'check_device', 'check_run_folder',
+           'model_from_loaded', 'model_from_checkpoint', 'sample_grid', 'grid_image', 'save_grid', 'class_labels',
+           'train', 'distributed_step_check']
 
 # %% ../nbs/05_train.ipynb #763d28dd
 @dataclass
@@ -49,7 +49,7 @@ class RunSetting:
     model:str = 'tiny8' # U-Net preset: 'tiny8' (8x8), 'tiny' (16x16), 'cifar' (32x32) or '64'
     dropout:float|None = None # None: the preset's (0.1 for cifar/64)
     # method (see coral_nb.coral.METHODS)
-    method:str = 'coral' # training objective: 'ddpm', 'cbdm', 't2h', 'coral' or 'coral+cbdm'
+    method:str = 'coral' # training objective: 'ddpm', 'cbdm', 't2h', 'coral', 'coral+cbdm', 'cm', 'ccua' (or one added with register_method)
     p_uncond:float = 0.1 # label drop probability for classifier-free guidance
     drop_mode:str = 'sample' # 'sample' or 'batch' (official code)
     w:float = 0.01 # CORAL: lambda(t) = w * exp((1 - t/T) / tau_r)
@@ -60,6 +60,13 @@ class RunSetting:
     proj_dim:int = 128 # CORAL: output size of the projection head
     official_temperature_scale:bool = False # CORAL: the official code's extra multiplication by tau_SC
     cbdm_tau:float = 1.0 # CBDM regulariser weight tau
+    cm_weight:float = 1.0 # CM: lambda, the weight of its consistency/diversity term
+    cm_w_con:float = 1.0 # CM: consistency weight (times K p_y)
+    cm_w_div:float = 0.2 # CM: diversity weight (times K q_y; 0.2 in the released code)
+    cm_rank_ratio:float = 0.1 # CM: rank of the decoder's low-rank branch, as a fraction of min(c_in, c_out)
+    ccua_alpha:float = 1.0 # CCUA: weight of the InfoNCE on unconditional bottleneck features
+    ccua_gamma:float = 1.0 # CCUA: weight of the conditional-unconditional alignment
+    ccua_temperature:float = 0.1 # CCUA: InfoNCE temperature
     # diffusion
     T:int = 1000 # number of diffusion steps
     beta_1:float = 1e-4 # linear noise schedule: the first beta
@@ -108,7 +115,7 @@ CHOICES = {  # the fields that take one of a few names
     'lt_profile': (*PROFILES, KEEP_ALL),
     'lt_selection': SELECTIONS,
     'model': ('tiny8', 'tiny', 'cifar', '64', 'cifar_ch64'),
-    'method': tuple(METHODS),
+    'method': METHODS,   # the registry itself: a method registered later is valid too
     'drop_mode': ('sample', 'batch'),
     'weighting': ('sample', 'batch'),
     'head': ('linear', 'mlp'),
@@ -126,6 +133,9 @@ RANGES = {  # field: (test, what is expected)
     'dropout': _within(0, 1, 'a probability in [0, 1) or null (the model preset\'s)'),
     'p_uncond': ((lambda v: 0 <= v <= 1), 'a probability in [0, 1]'),
     'w': _ge(0, 'a number'), 'cbdm_tau': _ge(0, 'a number'), 'tau_r': _gt0(), 'temperature': _gt0(),
+    'cm_weight': _ge(0, 'a number'), 'cm_w_con': _ge(0, 'a number'), 'cm_w_div': _ge(0, 'a number'),
+    'cm_rank_ratio': ((lambda v: 0 < v <= 1), 'a fraction in (0, 1]'), 'ccua_alpha': _ge(0, 'a number'), 'ccua_gamma': _ge(0, 'a number'),
+    'ccua_temperature': _gt0(),
     'beta_1': ((lambda v: 0 < v < 1), 'a number in (0, 1)'), 'beta_T': ((lambda v: 0 < v < 1), 'a number in (0, 1)'),
     'steps': _ge(1), 'batch_size': _ge(1), 'lr': _gt0(), 'warmup': _ge(0), 'weight_decay': _ge(0, 'a number'),
     'grad_clip': _ge(0, 'a number'), 'ema_decay': _within(0, 1, 'a decay in [0, 1)'), 'seed': _ge(0), 'data_seed': _ge(0),
@@ -199,7 +209,12 @@ _PAPER = dict(img_size=32, flip=True, model='cifar', dropout=0.1, steps=150_000,
               ckpt_every=5000, drop_mode='batch', weighting='batch', official_temperature_scale=True,
               bf16=False, sampler='ddpm', data_seed=0)   # fp32, 1000-step ancestral DDPM grids and one fixed subset, as the official code
 
-OWN_EVALUATION = {'t2h': dict(sampler='ddim', sample_steps=100)}  # a method's own evaluation sampler where it differs from DDPM (T2H: DDIM, every 10th step)
+LATER_METHODS = {  # later methods' CIFAR presets: what each changes from the shared settings above
+    'cm': dict(batch_size=64, guidance=1.5, steps={'cifar10': 200_000, 'cifar100': 300_000}),   # CM's released CIFAR-LT configuration
+    'ccua': dict(),   # no released CIFAR configuration: the shared settings, DDPM's omega, alpha = gamma = 1 (its released U-Net values)
+}
+# a method's own evaluation sampler where it differs from DDPM (T2H: DDIM, every 10th step; CM: DDIM, every 20th)
+OWN_EVALUATION = {'t2h': dict(sampler='ddim', sample_steps=100), 'cm': dict(sampler='ddim', sample_steps=50)}
 
 def _paper_presets() -> dict[str, TrainConfig]:
     out = {}
@@ -208,6 +223,10 @@ def _paper_presets() -> dict[str, TrainConfig]:
             steps = 200_000 if method == 't2h' else 150_000
             out[f'{setting}_{method}'] = TrainConfig(**{**_PAPER, 'dataset': ds, 'imb_ratio': rho, 'method': method, 'steps': steps,
                                                        'temperature': tau_sc, 'tau_r': tau_r, 'guidance': omega, 'lt_selection': 'cbdm'})
+        for method, change in LATER_METHODS.items():
+            steps = change.get('steps', {}).get(ds, 150_000)
+            out[f'{setting}_{method}'] = TrainConfig(**{**_PAPER, 'dataset': ds, 'imb_ratio': rho, 'method': method, 'guidance': omegas['ddpm'],
+                                                       'lt_selection': 'cbdm', **{k: v for k, v in change.items() if k != 'steps'}, 'steps': steps})
     for name, ds in (('celeba5_64', 'folder'), ('imagenet_lt_64', 'imagenet_lt')):
         for method in ('ddpm', 'cbdm', 't2h', 'coral'):
             out[f'{name}_{method}'] = TrainConfig(**{**_PAPER, 'dataset': ds, 'img_size': 64, 'model': '64', 'method': method,
@@ -298,17 +317,20 @@ MODELS = {'tiny': unet_tiny, 'tiny8': partial(unet_tiny, ch_mult=(1, 2)), 'cifar
           'cifar_ch64': partial(unet_cifar, ch=64)}   # the CIFAR U-Net at half width (about a quarter of the compute)
 
 def build_model(cfg:TrainConfig, num_classes:int) -> nn.Module:
-    "The U-Net preset named by `cfg.model`, conditional on `num_classes` classes."
+    "The U-Net preset named by `cfg.model`, conditional on `num_classes` classes, as `cfg.method` trains it (CM adds a branch)."
     if cfg.model not in MODELS: raise ValueError(f"unknown model {cfg.model!r}; valid models: {', '.join(MODELS)}")
     kw = {} if cfg.dropout is None else {'dropout': cfg.dropout}
-    return MODELS[cfg.model](num_classes, T=cfg.T, in_ch=cfg.channels, **kw)
+    model = MODELS[cfg.model](num_classes, T=cfg.T, in_ch=cfg.channels, **kw)
+    return prepare_model(cfg.method, model, rank_ratio=cfg.cm_rank_ratio)
 
 def build_method(cfg:TrainConfig, class_counts, feat_dim:int):
     "The training objective named by `cfg.method`, with the configuration's hyperparameters."
     diffusion = Diffusion(cfg.T, cfg.beta_1, cfg.beta_T)
     return make_method(cfg.method, diffusion, p_uncond=cfg.p_uncond, drop_mode=cfg.drop_mode, class_counts=class_counts,
                        feat_dim=feat_dim, proj_dim=cfg.proj_dim, w=cfg.w, tau_r=cfg.tau_r, temperature=cfg.temperature,
-                       weighting=cfg.weighting, head=cfg.head, official_temperature_scale=cfg.official_temperature_scale, tau=cfg.cbdm_tau)
+                       weighting=cfg.weighting, head=cfg.head, official_temperature_scale=cfg.official_temperature_scale, tau=cfg.cbdm_tau,
+                       cm_weight=cfg.cm_weight, w_con=cfg.cm_w_con, w_div=cfg.cm_w_div,
+                       alpha=cfg.ccua_alpha, gamma=cfg.ccua_gamma, ccua_temperature=cfg.ccua_temperature)
 
 # %% ../nbs/05_train.ipynb #ac0ccd2a
 def make_ema(model:nn.Module) -> torch.optim.swa_utils.AveragedModel:
