@@ -17,9 +17,9 @@ from torchvision.datasets import ImageFolder
 # %% auto #0
 __all__ = ['PROFILES', 'SELECTIONS', 'KEEP_ALL', 'GROUP_COLOURS', 'IMG_EXTENSIONS', 'lt_counts', 'get_targets', 'check_labels',
            'LongTailed', 'long_tailed', 'image_transform', 'TensorImages', 'digits', 'digits_lt', 'class_groups',
-           'classes_by_frequency', 'head_tail', 'plot_class_counts', 'to_image', 'show_class_grid', 'cifar', 'cifar_lt',
-           'load_image', 'image_folder', 'image_folder_lt', 'ImageList', 'data_dir', 'extract_zip', 'finite_float',
-           'positive_int', 'data_main']
+           'default_thresholds', 'classes_by_frequency', 'head_tail', 'plot_class_counts', 'to_image',
+           'show_class_grid', 'cifar', 'cifar_lt', 'load_image', 'image_folder', 'image_folder_lt', 'ImageList',
+           'data_dir', 'extract_zip', 'finite_float', 'positive_int', 'data_main']
 
 # %% ../nbs/00_data.ipynb #a6e8df24
 PROFILES = ('exp', 'step')
@@ -175,6 +175,10 @@ def class_groups(counts:Sequence[int], many:int=100, few:int=20) -> dict[str, li
     return {'many': [c for c, n in enumerate(counts) if n > many],
             'medium': [c for c, n in enumerate(counts) if few <= n <= many],
             'few': [c for c, n in enumerate(counts) if n < few]}
+
+def default_thresholds(dataset:str) -> tuple[int, int]:
+    "(many, few) class-size thresholds of the many/medium/few groups: (50, 20) for the small digits sets, (100, 20) otherwise."
+    return (50, 20) if dataset == 'digits' else (100, 20)
 
 def classes_by_frequency(counts:Sequence[int]) -> list[int]:
     "Class labels from the most to the least frequent (ties broken by label): head to tail."
@@ -377,7 +381,7 @@ def data_main(argv:Sequence[str]|None=None):
     import matplotlib.pyplot as plt
     out = Path(a.out); out.mkdir(parents=True, exist_ok=True)
     counts, names = ds.class_counts, ds.classes or [str(c) for c in range(len(ds.class_counts))]
-    many, few = (50, 20) if a.dataset == 'digits' else (100, 20)
+    many, few = default_thresholds(a.dataset)
     plot_class_counts(counts, names, many, few, title=f'{a.dataset}-LT, rho = {rho}').figure.savefig(out/'class_counts.png', dpi=100, bbox_inches='tight')
     show_class_grid(ds, n_per_class=8, classes=list(range(min(len(counts), 10)))).savefig(out/'examples.png', dpi=100, bbox_inches='tight')
     plt.close('all')

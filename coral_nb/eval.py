@@ -15,23 +15,22 @@ from torch import nn
 import torch.nn.functional as F
 
 import coral_nb
-from .data import digits, image_folder, data_dir, class_groups, head_tail, classes_by_frequency, to_image, finite_float, positive_int
+from .data import digits, image_folder, data_dir, class_groups, default_thresholds, head_tail, classes_by_frequency, to_image, finite_float, positive_int
 from .ddpm import Diffusion, ddpm_sample, ddim_sample
-from .train import load_checkpoint, check_device, model_from_loaded, load_training_data, ImageBank, git_commit
+from .train import load_checkpoint, check_device, model_from_loaded, load_training_data, ImageBank, git_commit, write_atomic, to_uint8, draw_samples, _interactive
 
 # %% auto #0
 __all__ = ['OFFLINE_EXTRACTOR', 'INCEPTION', 'INCEPTION_FILE', 'VALIDITY_MAX_REF', 'VALIDITY_REASONS', 'NEIGHBOURS_VERSION',
            'GROUP_KEYS', 'EXTRACTORS', 'LPIPS_KINDS', 'EvalError', 'frechet_distance', 'gaussian_stats',
            'frechet_features', 'knn_radii', 'precision_recall', 'prd_curve', 'f_beta', 'cluster_histograms', 'prd',
            'prd_scores', 'SmallCNN', 'CoralCNNExtractor', 'register_offline_extractor', 'cache_dir', 'sha256_file',
-           'to_uint8', 'reference_data', 'train_classifier', 'classifier_accuracy', 'Extractor', 'offline_extractor',
+           'reference_data', 'train_classifier', 'classifier_accuracy', 'Extractor', 'offline_extractor',
            'inception_weights_path', 'inception_extractor', 'ReferenceStats', 'reference_stats', 'lpips_model',
            'lpips_diversity', 'pairwise_diversity', 'sample_validity', 'validity_report', 'checkpoint_file', 'load_run',
-           'generate', 'load_samples', 'default_thresholds', 'aggregate_groups', 'score_samples', 'resolve_extractor',
-           'eval_context', 'evaluate_run', 'per_class_table', 'group_table', 'markdown_report', 'eval_cli',
-           'plot_vs_class_size', 'compare_runs', 'plot_comparison', 'guidance_sweep', 'plot_guidance_sweep',
-           'nearest_training', 'borrow_copy_stats', 'show_nearest', 'synthetic_features', 'GivenFeatures',
-           'time_scoring']
+           'generate', 'load_samples', 'aggregate_groups', 'score_samples', 'resolve_extractor', 'eval_context',
+           'evaluate_run', 'per_class_table', 'group_table', 'markdown_report', 'eval_cli', 'plot_vs_class_size',
+           'compare_runs', 'plot_comparison', 'guidance_sweep', 'plot_guidance_sweep', 'nearest_training',
+           'borrow_copy_stats', 'show_nearest', 'synthetic_features', 'GivenFeatures', 'time_scoring']
 
 # %% ../nbs/06_eval.ipynb #8e616312
 class EvalError(ValueError):
@@ -221,12 +220,6 @@ def sha256_file(path, chunk:int=1 << 20) -> str:
         for b in iter(lambda: f.read(chunk), b''): h.update(b)
     return h.hexdigest()
 
-def _write_atomic(path:Path, write):
-    "Write through a temporary file in the same folder, then rename: readers never see half a file."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    write(tmp); os.replace(tmp, path)
-
 def _source_tag(dataset:str, root=None, channels:int=3) -> str:
     "'' for the bundled digits in RGB; otherwise names the data tree (sha256 of its resolved path) and grey images, for cache names."
     tag = '' if channels == 3 else f'-c{channels}'
@@ -238,7 +231,7 @@ def _source_tag(dataset:str, root=None, channels:int=3) -> str:
 def _has_entry(path:Path) -> bool: return Path(path).is_file() and Path(str(path) + '.json').is_file()
 
 def _write_sidecar(path:Path, meta:dict):
-    _write_atomic(Path(str(path) + '.json'), lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+    write_atomic(Path(str(path) + '.json'), lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
 
 def _read_verified(path:Path) -> dict:
     "The JSON sidecar of a cached file, after checking the file's sha256 against it."
@@ -250,16 +243,11 @@ def _read_verified(path:Path) -> dict:
     return meta
 
 # %% ../nbs/06_eval.ipynb #b58d1436
-def to_uint8(x:torch.Tensor) -> torch.Tensor:
-    "Images in [-1, 1] [B, C, H, W] -> uint8 [B, 3, H, W] (grey repeated to RGB)."
-    x = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
-
 def reference_data(dataset:str='digits', size:int=8, channels:int=3, root=None, split:str='train'):
     "Balanced reference images (uint8 [N, 3, size, size]), labels [N] and class names of `dataset`."
     if dataset == 'digits':
         ds = digits(split, size, channels)
-        return to_uint8(ds.images), torch.tensor(ds.targets), ds.classes
+        return to_uint8(ds.images, rgb=True), torch.tensor(ds.targets), ds.classes
     if dataset in ('cifar10', 'cifar100', 'folder'):
         base = Path(root).expanduser() if root else (data_dir() / dataset / split if data_dir() else None)
         tv = {'cifar10': 'cifar-10-batches-py', 'cifar100': 'cifar-100-python'}.get(dataset)
@@ -267,13 +255,13 @@ def reference_data(dataset:str='digits', size:int=8, channels:int=3, root=None, 
             from coral_nb.data import cifar
             ds = cifar(base, 10 if dataset == 'cifar10' else 100, train=split == 'train', flip=False)
             bank = ImageBank.from_dataset(ds)
-            return to_uint8(bank.images.float() / 127.5 - 1), bank.labels.cpu(), list(ds.classes)
+            return to_uint8(bank.images, rgb=True), bank.labels.cpu(), list(ds.classes)
         if base is None or not base.is_dir():
             raise EvalError(f"reference data for {dataset!r} not found at {str(base) if base else '(no root given, CORAL_DATA unset)'}: "
                             f"pass the balanced {split} set (an image folder root/<class>/<image>, or torchvision's CIFAR folder) or set CORAL_DATA")
         ds = image_folder(base, size, flip=False, channels=channels)
         bank = ImageBank.from_dataset(ds)
-        return to_uint8(bank.images.float() / 127.5 - 1), bank.labels.cpu(), list(ds.classes)
+        return to_uint8(bank.images, rgb=True), bank.labels.cpu(), list(ds.classes)
     raise EvalError(f"no reference data for dataset {dataset!r}; known: 'digits', 'cifar10', 'cifar100', 'folder'")
 
 # %% ../nbs/06_eval.ipynb #877ddb8c
@@ -348,7 +336,7 @@ def offline_extractor(dataset:str='digits', size:int=8, channels:int=3, root=Non
         t0 = time.time()
         net = train_classifier(x, y, len(classes), size, ep, width=32 if dataset == 'digits' else 64, seed=seed, device=device).cpu()
         acc = classifier_accuracy(net, xt, yt)
-        _write_atomic(path, lambda p: torch.save({'arch': net.arch, 'state': net.state_dict()}, p))
+        write_atomic(path, lambda p: torch.save({'arch': net.arch, 'state': net.state_dict()}, p))
         meta = dict(name=name, kind='offline', file=path.name, sha256=sha256_file(path), dataset=dataset, size=size, channels=channels,
                     seed=seed, epochs=ep, n_train=len(x), n_heldout=len(xt), heldout_accuracy=round(acc, 4), classes=list(classes),
                     train_seconds=round(time.time() - t0, 1), coral_nb_version=coral_nb.__version__)
@@ -408,7 +396,7 @@ def reference_stats(extractor:Extractor, dataset:str='digits', size:int=8, chann
         mu, sigma = gaussian_stats(f['feat'])
         arrays = dict(feats=f['feat'].numpy(), labels=y.numpy(), mu=mu, sigma=sigma)
         if 'logits' in f: arrays['logits'] = f['logits'].numpy()
-        _write_atomic(path, lambda p: np.savez(open(p, 'wb'), **arrays))
+        write_atomic(path, lambda p: np.savez(open(p, 'wb'), **arrays))
         _write_sidecar(path, dict(
             name=name, sha256=sha256_file(path), dataset=dataset, split=split, size=size, channels=channels, root=str(root) if root else None, n=len(y),
             preprocessing=f'balanced {split} split, resized to {size}px, uint8 RGB', extractor=extractor.name,
@@ -539,8 +527,8 @@ def _cached(self:ReferenceStats, key:str, compute) -> dict:
         if p is not None:
             buf = io.BytesIO(); np.savez(buf, reference_sha256=np.array(self.sha256), **out); data = buf.getvalue()
             try:   # the sidecar carries the hash of exactly these bytes; a cache that cannot be written is only slower
-                _write_atomic(p, lambda q: q.write_bytes(data))
-                _write_atomic(Path(str(p) + '.json'), lambda q: q.write_text(json.dumps(dict(
+                write_atomic(p, lambda q: q.write_bytes(data))
+                write_atomic(Path(str(p) + '.json'), lambda q: q.write_text(json.dumps(dict(
                     name=p.name, sha256=hashlib.sha256(data).hexdigest(), reference=self.name, reference_sha256=self.sha256), indent=1)))
             except OSError as e: warnings.warn(f"could not cache {p}: {e}")
     self.memo[key] = out
@@ -575,12 +563,6 @@ def pixel_neighbours(self:ReferenceStats, images:torch.Tensor, max_ref:int=10_00
     return self._cached(f'pixels-v{NEIGHBOURS_VERSION}-{digest}-m{max_ref}-s{seed}', compute)
 
 # %% ../nbs/06_eval.ipynb #a023a7a6
-def _interactive() -> bool:
-    "A notebook or a terminal, where a progress bar helps."
-    ip = sys.modules.get('IPython')
-    shell = ip.get_ipython() if ip is not None else None
-    return (shell is not None and 'IPKernelApp' in getattr(shell, 'config', {})) or sys.stdout.isatty()
-
 def _labels_for(n_classes:int, n_per_class:int|None, n_total:int|None, seed:int) -> np.ndarray:
     if (n_per_class is None) == (n_total is None): raise EvalError("give exactly one of n_per_class and n_total")
     if n_per_class is not None:
@@ -634,7 +616,7 @@ def generate(run, # run folder / checkpoint path, or a dict from `load_run`
         old = json.loads(man.read_text())['settings']
         diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
         if diff: raise EvalError(f"{out} holds samples made with other settings {diff}; use another folder (tag)")
-    else: _write_atomic(man, lambda p: p.write_text(json.dumps(dict(settings=settings, checkpoint=r['checkpoint'], complete=False), indent=1)))
+    else: write_atomic(man, lambda p: p.write_text(json.dumps(dict(settings=settings, checkpoint=r['checkpoint'], complete=False), indent=1)))
     diffusion = Diffusion(cfg.T, cfg.beta_1, cfg.beta_T).to(device)
     n_shards = math.ceil(len(labels) / shard_size)
     todo = [s for s in range(n_shards) if not (out / f'shard_{s:05d}.npz').is_file()]
@@ -651,16 +633,15 @@ def generate(run, # run folder / checkpoint path, or a dict from `load_run`
         g = torch.Generator(device).manual_seed(seed * 1_000_003 + s)
         xs = []
         for yb in ys.split(batch_size):
-            if sampler == 'ddim': x = ddim_sample(model, diffusion, yb, shape, steps=steps, eta=eta, guidance=omega, generator=g, progress=False)
-            else: x = ddpm_sample(model, diffusion, yb, shape, guidance=omega, var_type=var_type, generator=g, progress=False)
+            x = draw_samples(model, diffusion, yb, shape, sampler, steps, eta, var_type, omega, g)
             bad = (~torch.isfinite(x).flatten(1).all(1)).sum().item()
             if bad: raise EvalError(f"{bad} of {len(x)} samples (shard {s}) are not finite (NaN or inf) at guidance {omega}: refused before scoring")
-            xs.append(to_uint8(x).cpu())
+            xs.append(to_uint8(x, rgb=True).cpu())
         arr = torch.cat(xs).numpy()
-        _write_atomic(out / f'shard_{s:05d}.npz', lambda p: np.savez(open(p, 'wb'), images=arr, labels=ys.cpu().numpy()))
+        write_atomic(out / f'shard_{s:05d}.npz', lambda p: np.savez(open(p, 'wb'), images=arr, labels=ys.cpu().numpy()))
     done = all((out / f'shard_{s:05d}.npz').is_file() for s in range(n_shards))
     m = json.loads(man.read_text()); m['complete'] = done
-    _write_atomic(man, lambda p: p.write_text(json.dumps(m, indent=1)))   # a kill mid-write never leaves a manifest that resuming cannot read
+    write_atomic(man, lambda p: p.write_text(json.dumps(m, indent=1)))   # a kill mid-write never leaves a manifest that resuming cannot read
     return out
 
 # %% ../nbs/06_eval.ipynb #5cc1d8a7
@@ -678,10 +659,6 @@ def load_samples(folder) -> tuple[torch.Tensor, torch.Tensor, dict]:
 
 # %% ../nbs/06_eval.ipynb #dd33b0ff
 GROUP_KEYS = ('fd', 'precision', 'recall', 'consistency', 'diversity', 'rel_diversity', 'lpips', 'flagged')
-
-def default_thresholds(dataset:str) -> tuple[int, int]:
-    "(many, few) class-size thresholds of the many/medium/few groups: (50, 20) for digits, (100, 20) otherwise."
-    return (50, 20) if dataset == 'digits' else (100, 20)
 
 def _mean(vals):
     v = [x for x in vals if x is not None and not (isinstance(x, float) and math.isnan(x))]

@@ -94,10 +94,11 @@ def knn_labels(feats, labels, k:int=10, metric:str='euclidean') -> np.ndarray:
 
 def _n_classes(labels, n_classes): return int(labels.max()) + 1 if n_classes is None else n_classes
 
-def knn_purity(feats, labels, k:int=10, n_classes:int|None=None, metric:str='euclidean') -> np.ndarray:
+def knn_purity(feats, labels, k:int=10, n_classes:int|None=None, metric:str='euclidean', neighbours=None) -> np.ndarray:
     "Per class [C]: the mean share of its samples' k nearest neighbours (self excluded) that have its label (nan: absent class)."
     _, lab = _check(feats, labels)
-    same = (knn_labels(feats, labels, k, metric) == lab[:, None]).mean(1)
+    nb = knn_labels(feats, labels, k, metric) if neighbours is None else neighbours   # `neighbours`: knn_labels computed once
+    same = (nb == lab[:, None]).mean(1)
     C = _n_classes(lab, n_classes)
     return np.array([same[lab == c].mean() if (lab == c).any() else np.nan for c in range(C)])
 
@@ -114,13 +115,14 @@ def _head_tail(head, tail):
     if set(head) & set(tail): raise ValueError(f"head and tail share classes {sorted(set(head) & set(tail))}")
     return head, tail
 
-def borrowing(feats, labels, head, tail, k:int=10, metric:str='euclidean') -> float:
+def borrowing(feats, labels, head, tail, k:int=10, metric:str='euclidean', neighbours=None) -> float:
     "The mean share of the k nearest neighbours of tail-class samples that belong to head classes."
     head, tail = _head_tail(head, tail)
     _, lab = _check(feats, labels)
     anchors = np.isin(lab, tail)
     if not anchors.any(): raise ValueError(f"no sample has a tail label {tail}")
-    return float(np.isin(knn_labels(feats, labels, k, metric)[anchors], head).mean())
+    nb = knn_labels(feats, labels, k, metric) if neighbours is None else neighbours
+    return float(np.isin(nb[anchors], head).mean())
 
 def borrowing_chance(labels, head, tail) -> float:
     "borrowing's expectation when features ignore the labels: n_head / (N - 1)."
@@ -159,10 +161,11 @@ def shuffled_chance(fn, feats, labels, n:int=5, seed:int=0, **kwargs):
 def overlap_summary(feats, labels, head, tail, k:int=10, metric:str='euclidean') -> dict:
     "Every overlap measure beside its chance level, as a flat dict (class means for the purities)."
     _, lab = _check(feats, labels)
-    pur = knn_purity(feats, labels, k, metric=metric)
+    nb = knn_labels(feats, labels, k, metric)   # one k-NN fit for purity and borrowing
+    pur = knn_purity(feats, labels, k, metric=metric, neighbours=nb)
     return dict(purity=float(np.nanmean(pur)), purity_chance=float(np.nanmean(purity_chance(lab))),
                 purity_head=float(np.nanmean(pur[head])), purity_tail=float(np.nanmean(pur[tail])),
-                borrowing=borrowing(feats, labels, head, tail, k, metric), borrowing_chance=borrowing_chance(lab, head, tail),
+                borrowing=borrowing(feats, labels, head, tail, k, metric, neighbours=nb), borrowing_chance=borrowing_chance(lab, head, tail),
                 silhouette=silhouette(feats, labels, metric), silhouette_chance=float(shuffled_chance(silhouette, feats, lab, metric=metric)),
                 purity_per_class=[round(float(p), 4) for p in pur])
 

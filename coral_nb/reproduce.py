@@ -21,8 +21,8 @@ import coral_nb
 from .data import digits, image_folder, head_tail, classes_by_frequency
 from .coral import METHODS
 from .train import Trainer, TrainConfig, preset, PRESETS, PAPER_SETTINGS, LATER_METHODS, OWN_EVALUATION, model_from_checkpoint
-from .eval import evaluate_run, git_commit, _write_atomic
-from .train import load_training_data
+from .eval import evaluate_run, git_commit
+from .train import load_training_data, write_atomic
 from .latents import official_features, overlap_summary, read_metrics, logged_seconds, balanced_like
 
 # %% ../nbs/08_reproduce.ipynb #9ea5fb66
@@ -261,7 +261,7 @@ def run_study(cfg:TrainConfig, name:str, runs_dir, out_dir, scale:str, data=None
                                eval_seconds=ev['provenance']['wall_seconds'],
                                overlap=dict(t=int(OVERLAP_FRAC * cfg.T), k=OVERLAP_K, n_per_class=sc['overlap_per_class'], images='balanced held-out split', seconds=round(time.time() - t1, 1)),
                                created=time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())))
-    _write_atomic(out, lambda p: p.write_text(json.dumps(rec, indent=1)))
+    write_atomic(out, lambda p: p.write_text(json.dumps(rec, indent=1)))
     return rec
 
 # %% ../nbs/08_reproduce.ipynb #ee1f4b4c

@@ -22,12 +22,12 @@ from .coral import make_method, prepare_model, METHODS, Draws
 # %% auto #0
 __all__ = ['CHOICES', 'RANGES', 'RESUMABLE_FIELDS', 'PAPER_SETTINGS', 'LATER_METHODS', 'OWN_EVALUATION', 'PRESETS', 'MODELS',
            'CHECKPOINT_FORMAT', 'RunSetting', 'TrainConfig', 'ConfigError', 'check_config', 'data_seed', 'config_diff',
-           'config_from_dict', 'preset', 'ImageBank', 'EpochBatches', 'load_training_data', 'build_model',
+           'config_from_dict', 'preset', 'to_uint8', 'ImageBank', 'EpochBatches', 'load_training_data', 'build_model',
            'build_method', 'make_ema', 'ema_update', 'dist_info', 'init_distributed', 'gather_features',
            'average_gradients', 'NonFiniteLoss', 'RunFolderError', 'RunInUse', 'CheckpointError', 'TrainingInterrupted',
-           'seed_everything', 'RunLock', 'git_commit', 'Trainer', 'load_checkpoint', 'check_device', 'check_run_folder',
-           'model_from_loaded', 'model_from_checkpoint', 'sample_grid', 'grid_image', 'save_grid', 'class_labels',
-           'train', 'distributed_step_check']
+           'write_atomic', 'seed_everything', 'RunLock', 'git_commit', 'Trainer', 'load_checkpoint', 'check_device',
+           'check_run_folder', 'model_from_loaded', 'model_from_checkpoint', 'draw_samples', 'sample_grid',
+           'grid_image', 'save_grid', 'class_labels', 'train', 'distributed_step_check']
 
 # %% ../nbs/05_train.ipynb #763d28dd
 @dataclass
@@ -245,6 +245,11 @@ def preset(name:str, **overrides) -> TrainConfig:
     return config_from_dict({**asdict(PRESETS[name]), **overrides})
 
 # %% ../nbs/05_train.ipynb #0fae935f
+def to_uint8(x:torch.Tensor, rgb:bool=False) -> torch.Tensor:
+    "Images in [-1, 1] [B, C, H, W] -> uint8 (uint8 kept as it is); grey repeated to three channels if `rgb` (as image metrics expect)."
+    if x.dtype != torch.uint8: x = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.expand(-1, 3, -1, -1).contiguous() if rgb and x.shape[1] == 1 else x
+
 class ImageBank:
     "A decoded dataset held as uint8 images [N, C, H, W] and labels [N] on one device."
     def __init__(self, images:torch.Tensor, labels:torch.Tensor, class_counts, classes=None):
@@ -256,7 +261,7 @@ class ImageBank:
         from torch.utils.data import DataLoader
         xs, ys = [], []
         for x, y in DataLoader(ds, batch_size=batch_size, num_workers=num_workers):
-            xs.append(((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)); ys.append(torch.as_tensor(y))
+            xs.append(to_uint8(x)); ys.append(torch.as_tensor(y))
         images, labels = torch.cat(xs).to(device), torch.cat(ys).long().to(device)
         counts = getattr(ds, 'class_counts', None) or torch.bincount(labels.cpu()).tolist()
         return cls(images, labels, counts, getattr(ds, 'classes', None))
@@ -402,15 +407,13 @@ class TrainingInterrupted(Exception):
         self.signame, self.step, self.checkpoint = signame, step, checkpoint
         self.exit_code = 128 + int(getattr(signal, signame))   # the shells' convention: 130 for SIGINT, 143 for SIGTERM
 
-def _atomic_save(obj, path:Path):
-    tmp = path.with_name(path.name + '.tmp')
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-def _atomic_write_text(path:Path, text:str):
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_atomic(path, write):
+    "Call write(tmp) on a temporary file in the same folder, then rename it to `path`: readers never see half a file."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
+    try: write(tmp); os.replace(tmp, path)
+    except BaseException:   # an error or an interrupt mid-write: no stray temporary file, the old `path` untouched
+        tmp.unlink(missing_ok=True); raise
 
 def _rng_state(generator) -> dict:
     "Every generator's state as tensors, lists and numbers: what `torch.load(weights_only=True)` reads back."
@@ -507,6 +510,10 @@ def _in_notebook() -> bool:
         return type(get_ipython()).__name__ == 'ZMQInteractiveShell'
     except Exception: return False
 
+def _interactive() -> bool:
+    "A notebook or a terminal: where a progress bar helps."
+    return _in_notebook() or sys.stdout.isatty()
+
 class Trainer:
     "Train `cfg.method` on `cfg.dataset`; `fit()` runs (or resumes) to `cfg.steps`."
     def __init__(self, cfg:TrainConfig, out:str|Path, device=None, resume:bool=True, overwrite:bool=False, data=None, quiet:bool=False):
@@ -555,10 +562,10 @@ def _save(self:Trainer, path=None):
     if not self.main: return
     path = Path(path or self.out / 'checkpoint.pt')
     classes = None if self.bank.classes is None else [str(c) for c in self.bank.classes]
-    _atomic_save(dict(format=CHECKPOINT_FORMAT, model=self.model.state_dict(), ema=self.ema.state_dict(), method=self.method.state_dict(),
-                      optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), step=self.step,
-                      rng=_rng_state(self.generator), config=asdict(self.cfg), class_counts=[int(c) for c in self.bank.class_counts],
-                      classes=classes), path)
+    ck = dict(format=CHECKPOINT_FORMAT, model=self.model.state_dict(), ema=self.ema.state_dict(), method=self.method.state_dict(),
+              optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), step=self.step,
+              rng=_rng_state(self.generator), config=asdict(self.cfg), class_counts=[int(c) for c in self.bank.class_counts], classes=classes)
+    write_atomic(path, lambda p: torch.save(ck, p))
     self.last_good = self.step
 
 _NUMPY_ARRAY = ('numpy._core.multiarray._reconstruct', 'numpy.core.multiarray._reconstruct', 'numpy.ndarray', 'numpy.dtype')
@@ -601,6 +608,9 @@ def load_checkpoint(path, map_location='cpu') -> dict:
         raise CheckpointError(f"cannot read checkpoint {str(path)!r} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'damaged file'})") from None
     if not isinstance(ck, dict) or not {'config', 'model', 'ema', 'class_counts'} <= set(ck):
         raise CheckpointError(f"{str(path)!r} is not a coral_nb training checkpoint (no 'config', 'model', 'ema' and 'class_counts' entries)")
+    fmt = ck.get('format', 1)   # format 1 carried no number
+    if not isinstance(fmt, int) or not 1 <= fmt <= CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{str(path)!r} has checkpoint format {fmt!r}; this coral_nb reads formats 1 to {CHECKPOINT_FORMAT} (a newer coral_nb wrote it?)")
     return ck
 
 # %% ../nbs/05_train.ipynb #960b557c
@@ -614,7 +624,7 @@ def _truncate_metrics(path:Path, step:int):
     if not path.exists(): return
     rows = path.read_text().splitlines(keepends=True)
     keep = [r for r in rows if (s := _row_step(r)) is not None and s <= step]
-    if len(keep) != len(rows): _atomic_write_text(path, ''.join(keep))
+    if len(keep) != len(rows): write_atomic(path, lambda p: p.write_text(''.join(keep)))
 
 def _load(self:Trainer, path):
     ck = load_checkpoint(path, self.device)
@@ -700,7 +710,7 @@ def _open_folder(self:Trainer, resume:bool, overwrite:bool):
         if resume and ck.exists(): self.load(ck)
         if self.main:
             (self.out / 'samples').mkdir(exist_ok=True)
-            _atomic_write_text(self.out / 'config.json', json.dumps(asdict(self.cfg), indent=1))   # the current target steps
+            write_atomic(self.out / 'config.json', lambda p: p.write_text(json.dumps(asdict(self.cfg), indent=1)))   # the current target steps
     except BaseException:
         self.close(); raise
 
@@ -746,6 +756,13 @@ def _train_step(self:Trainer, draws:Draws|None=None, batch=None) -> dict:
 Trainer.train_step = _train_step
 
 # %% ../nbs/05_train.ipynb #d8522838
+def draw_samples(model, diffusion:Diffusion, y:torch.Tensor, img_shape, sampler:str='ddpm', steps:int=100, eta:float=0.,
+                 var_type:str='fixedlarge', guidance:float=1.0, generator=None, progress:bool=False) -> torch.Tensor:
+    "Samples for labels `y` with the named sampler: 'ddpm' (ancestral, all T steps) or 'ddim' (`steps` steps)."
+    if sampler == 'ddim': return ddim_sample(model, diffusion, y, img_shape, steps=steps, eta=eta, guidance=guidance, generator=generator, progress=progress)
+    if sampler == 'ddpm': return ddpm_sample(model, diffusion, y, img_shape, guidance=guidance, var_type=var_type, generator=generator, progress=progress)
+    raise ValueError(f"unknown sampler {sampler!r}; valid: 'ddpm', 'ddim'")
+
 @torch.no_grad()
 def sample_grid(model, diffusion:Diffusion, classes, n_per_class:int=8, img_shape=(3, 32, 32), guidance:float=1.0,
                 sampler:str='ddpm', steps:int=100, eta:float=0., var_type:str='fixedlarge', seed:int=0,
@@ -755,9 +772,7 @@ def sample_grid(model, diffusion:Diffusion, classes, n_per_class:int=8, img_shap
     device = next(model.parameters()).device
     y = torch.tensor(list(classes), device=device).repeat_interleave(n_per_class)
     g = torch.Generator(device).manual_seed(seed)
-    def draw(yb):
-        if sampler == 'ddim': return ddim_sample(model, diffusion, yb, img_shape, steps=steps, eta=eta, guidance=guidance, generator=g, progress=progress)
-        return ddpm_sample(model, diffusion, yb, img_shape, guidance=guidance, var_type=var_type, generator=g, progress=progress)
+    def draw(yb): return draw_samples(model, diffusion, yb, img_shape, sampler, steps, eta, var_type, guidance, g, progress)
     # bf16: the U-Net runs under bf16 autocast (eps rounded to bf16; the sampler's arithmetic stays float32)
     # inference: torch.inference_mode (no autograd bookkeeping; the result cannot enter autograd or be changed in place)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), (torch.inference_mode() if inference else torch.no_grad()):
@@ -794,7 +809,7 @@ def class_labels(classes, names=None) -> list[str]:
 def _show_progress(self:Trainer) -> bool:
     "Progress bars in a notebook or a terminal (not in a log file: the 'drawing a sample grid' line says it there)."
     import sys
-    return self.main and not self.quiet and (_in_notebook() or sys.stdout.isatty())
+    return self.main and not self.quiet and _interactive()
 
 # %% ../nbs/05_train.ipynb #e05432fe
 def _write_samples(self:Trainer):
@@ -817,7 +832,7 @@ class _StopNow(BaseException): pass
 
 class _Signals:
     "While training, SIGINT (Ctrl-C) and SIGTERM let the current step finish, then the loop saves and stops; a second one stops at once."
-    def __init__(self, enabled:bool): self.enabled, self.caught, self.drawing, self.old = enabled, None, False, {}
+    def __init__(self, enabled:bool): self.enabled, self.caught, self.twice, self.drawing, self.old = enabled, None, False, False, {}
     def __enter__(self):
         if self.enabled:
             for s in (signal.SIGINT, signal.SIGTERM): self.old[s] = signal.signal(s, self.handler)
@@ -826,16 +841,18 @@ class _Signals:
         for s, h in self.old.items(): signal.signal(s, h)
         self.old = {}
     def handler(self, signum, frame):
-        again = self.caught is not None
+        self.twice = self.caught is not None
         self.caught = self.caught or signal.Signals(signum).name
-        if again or self.drawing: raise _StopNow()   # a sample grid changes no training state: abandon it at once
+        if self.twice or self.drawing: raise _StopNow()   # a sample grid changes no training state: abandon it at once
 
 # %% ../nbs/05_train.ipynb #fs0c0002
 def _interrupted(self:Trainer, signame:str, saved:bool=True) -> TrainingInterrupted:
     ck = self.out / 'checkpoint.pt'
     if saved: msg = (f"interrupted by {signame} at step {self.step}: checkpoint saved to {ck}; "
                      f"start the same run again (same settings and out folder) to resume from step {self.step}")
-    else: msg = f"interrupted twice by {signame}: stopped at once without saving; the last checkpoint in {self.out} is from step {self.last_good}"
+    else:
+        last = f"the last checkpoint in {self.out} is from step {self.last_good}" if self.last_good is not None else f"no checkpoint was written to {self.out}"
+        msg = f"interrupted twice by {signame}: stopped at once without saving; {last}"
     return TrainingInterrupted(msg, signame, self.step if saved else self.last_good, ck)
 
 # %% ../nbs/05_train.ipynb #fs0c0004
@@ -899,20 +916,22 @@ def _fit(self:Trainer, stop_at:int|None=None, progress:bool|None=None) -> Path:
                     if signals.caught: break
                     if cfg.sample_every and (self.step % cfg.sample_every == 0 or self.step == cfg.steps):
                         signals.drawing = True
-                        p = self.write_samples()
-                        signals.drawing = False
+                        try: p = self.write_samples()
+                        except _StopNow:
+                            if signals.twice: raise
+                            p = None   # the first signal abandons the grid; the checkpoint is saved below
+                        finally: signals.drawing = False
                         if p: self.log(f"samples: {p}")
                     if signals.caught: break
-        except _StopNow:
-            if not signals.drawing: raise self._interrupted(signals.caught, saved=False) from None
+                if signals.caught:   # saved inside the guard: a second signal during the save stops at once, the last checkpoint intact
+                    self._check_finite(bad, n)   # never overwrite the last good checkpoint with a broken one
+                    if self.last_good != self.step: self.save()
+        except _StopNow: raise self._interrupted(signals.caught, saved=False) from None
         finally:
             if mb is not None and hasattr(mb, 'graph_fig'):
                 import matplotlib.pyplot as plt
                 plt.close(mb.graph_fig)   # shown once, live; not again when the cell ends
-        if signals.caught:
-            self._check_finite(bad, n)   # never overwrite the last good checkpoint with a broken one
-            if self.last_good != self.step: self.save()
-            raise self._interrupted(signals.caught) from None
+        if signals.caught: raise self._interrupted(signals.caught) from None
         if self.ddp_ready(): dist.barrier()
         return self.out
     finally: self.close()
