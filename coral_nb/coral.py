@@ -270,10 +270,10 @@ def make_method(name:str, diffusion:Diffusion|None=None, **kwargs) -> DDPMLoss:
     cls = _method_class(name)
     return cls(diffusion, **_accepted(cls.__init__, kwargs))
 
-def prepare_model(name:str, model:nn.Module, **kwargs) -> nn.Module:
+def prepare_model(name:str, model:nn.Module, /, **kwargs) -> nn.Module:
     "`model` as method `name` trains it (CM adds its low-rank branch; the others leave it as it is)."
     cls = _method_class(name)
-    return cls.prepare_model(model, **_accepted(cls.prepare_model, kwargs))
+    return cls.prepare_model(model, **{k: v for k, v in _accepted(cls.prepare_model, kwargs).items() if k != 'model'})
 
 def register_method(cls:type) -> type:
     "Add a `DDPMLoss` subclass to `METHODS` under its own `name` (a redefinition of the same class replaces it)."
@@ -281,7 +281,7 @@ def register_method(cls:type) -> type:
     name = cls.__dict__.get('name')
     if not isinstance(name, str) or not name: raise ValueError(f"{cls.__name__} needs its own class attribute `name` (a non-empty string)")
     old = METHODS.get(name)
-    if old is not None and old.__qualname__ != cls.__qualname__:
+    if old is not None and (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
         raise ValueError(f"method name {name!r} is taken by {old.__qualname__}; choose another name for {cls.__qualname__}")
     METHODS[name] = cls
     return cls
@@ -365,9 +365,10 @@ class CMLoss(DDPMLoss):
 # %% ../nbs/04_coral.ipynb #ltf2fc83
 def self_info_nce(h:torch.Tensor, temperature:float=0.1) -> torch.Tensor:
     "Per-sample InfoNCE [B] on features [B, ...]: each row is its own positive, the other rows its negatives (cosine / temperature)."
-    z = F.normalize(h.flatten(1).float(), dim=1)
-    logits = z @ z.T / temperature
-    return F.cross_entropy(logits, torch.arange(len(z), device=z.device), reduction='none')
+    with torch.autocast(h.device.type, enabled=False):   # cosines / 0.1 in float32, even under bf16 (as CORAL's SupCon)
+        z = F.normalize(h.flatten(1).float(), dim=1)
+        logits = z @ z.T / temperature
+        return F.cross_entropy(logits, torch.arange(len(z), device=z.device), reduction='none')
 
 class CCUALoss(DDPMLoss):
     "CCUA: DDPM + (t/T)-weighted InfoNCE on unconditional bottleneck features + (t/T)-weighted MSE between eps(y) and eps(null)."
@@ -380,15 +381,18 @@ class CCUALoss(DDPMLoss):
         super().__init__(diffusion, p_uncond, drop_mode, class_counts)
         if not ccua_temperature > 0: raise ValueError(f"ccua_temperature must be > 0; got {ccua_temperature}")
         self.alpha, self.gamma, self.temperature = alpha, gamma, ccua_temperature
+        self.gather = None   # set by the training loop under DDP: the InfoNCE then sees the global batch, as CORAL's SupCon does
 
     def objective(self, model, x0, x_t, y, y_in, d):
         B, w = len(x0), d.t.float() / self.diffusion.T
         with BottleneckHook(model) as hook:
             eps, eps_unc = model(torch.cat([x_t, x_t]), torch.cat([d.t, d.t]), torch.cat([y_in, torch.full_like(y_in, NULL_LABEL)])).chunk(2)
-        info_nce = self_info_nce(hook.features[B:], self.temperature)
+        h, w_nce = hook.features[B:].flatten(1), w
+        if self.gather is not None: h, _, _, t_all = self.gather(h, y, d.keep, d.t); w_nce = t_all.float() / self.diffusion.T
+        info_nce = self_info_nce(h, self.temperature)
         align = eps_mse(eps, eps_unc) * d.keep
         return self.parts(diffusion=eps_mse(eps, d.noise).mean(), reg=self.gamma * (w * align).mean(),
-                          supcon=self.alpha * (w * info_nce).mean(), info_nce_raw=info_nce.mean().detach())
+                          supcon=self.alpha * (w_nce * info_nce).mean(), info_nce_raw=info_nce.mean().detach())
 
 # %% ../nbs/04_coral.ipynb #lt80a218
 for _method in (CMLoss, CCUALoss): register_method(_method)

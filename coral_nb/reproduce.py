@@ -70,6 +70,8 @@ def wall_time_estimate(name:str, costs:dict, tflops:float, utilisation:tuple=(0.
     "Hours to train preset `name` and to draw `n_samples` on a GPU of `tflops` fp32 peak, at the given shares of that peak (best, worst)."
     c = PRESETS[name]
     if c.model != 'cifar': raise ValueError(f"{name} trains the {c.model!r} U-Net; these costs were measured on the 'cifar' U-Net (run coral_bench for it)")
+    if c.method not in costs['train_gflop']:
+        raise ValueError(f"the benchmark result has no training cost for method {c.method!r} (it has {', '.join(costs['train_gflop'])}): measure it with coral_bench")
     train_flop = c.steps * c.batch_size * costs['train_gflop'][c.method] * 1e9
     sample_flop = n_samples * costs['sample_gflop'][sampler] * 1e9   # measured with guidance on: two U-Net passes per step
     hours = lambda flop: tuple(round(flop / (tflops * 1e12 * u) / 3600, 1) for u in utilisation)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_train.ipynb #e03812e0
 from __future__ import annotations
-import dataclasses, json, os, random, tempfile, time, warnings
+import dataclasses, json, os, random, sys, tempfile, time, warnings
 from dataclasses import dataclass, asdict
 from functools import partial
 from pathlib import Path
@@ -326,16 +326,17 @@ def build_model(cfg:TrainConfig, num_classes:int) -> nn.Module:
     if cfg.model not in MODELS: raise ValueError(f"unknown model {cfg.model!r}; valid models: {', '.join(MODELS)}")
     kw = {} if cfg.dropout is None else {'dropout': cfg.dropout}
     model = MODELS[cfg.model](num_classes, T=cfg.T, in_ch=cfg.channels, **kw)
-    return prepare_model(cfg.method, model, rank_ratio=cfg.cm_rank_ratio)
+    return prepare_model(cfg.method, model, **_method_settings(cfg))
+
+def _method_settings(cfg:TrainConfig) -> dict:
+    "Every field of `cfg`, and the prefixed ones also under the names the methods' constructors use."
+    return {**asdict(cfg), 'tau': cfg.cbdm_tau, 'w_con': cfg.cm_w_con, 'w_div': cfg.cm_w_div, 'alpha': cfg.ccua_alpha,
+            'gamma': cfg.ccua_gamma, 'rank_ratio': cfg.cm_rank_ratio}
 
 def build_method(cfg:TrainConfig, class_counts, feat_dim:int):
-    "The training objective named by `cfg.method`, with the configuration's hyperparameters."
+    "The training objective named by `cfg.method`, with the configuration's hyperparameters (those its constructor takes)."
     diffusion = Diffusion(cfg.T, cfg.beta_1, cfg.beta_T)
-    return make_method(cfg.method, diffusion, p_uncond=cfg.p_uncond, drop_mode=cfg.drop_mode, class_counts=class_counts,
-                       feat_dim=feat_dim, proj_dim=cfg.proj_dim, w=cfg.w, tau_r=cfg.tau_r, temperature=cfg.temperature,
-                       weighting=cfg.weighting, head=cfg.head, official_temperature_scale=cfg.official_temperature_scale, tau=cfg.cbdm_tau,
-                       cm_weight=cfg.cm_weight, w_con=cfg.cm_w_con, w_div=cfg.cm_w_div,
-                       alpha=cfg.ccua_alpha, gamma=cfg.ccua_gamma, ccua_temperature=cfg.ccua_temperature)
+    return make_method(cfg.method, diffusion, **{**_method_settings(cfg), 'class_counts': class_counts, 'feat_dim': feat_dim})
 
 # %% ../nbs/05_train.ipynb #ac0ccd2a
 def make_ema(model:nn.Module) -> torch.optim.swa_utils.AveragedModel:
@@ -535,7 +536,8 @@ class Trainer:
         if self.ddp:
             self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == 'cuda' else None)
             for p in self.method.parameters(): dist.broadcast(p.data, 0)  # the head is outside DDP: start it equal too
-            if hasattr(self.method, 'coral'): self.method.coral.gather = gather_features
+            for term in self.method.modules():   # CORAL's SupCon and CCUA's InfoNCE see the global batch
+                if hasattr(term, 'gather'): term.gather = gather_features
         else: self.net = self.model
         if cfg.compile: self.net = torch.compile(self.net)  # forward hooks (CORAL's bottleneck) are traced into the graph
         if self.device.type == 'cuda':  # process-wide flags, set both ways: PyTorch's default lets cuDNN convolutions use TF32
