@@ -133,6 +133,11 @@ def parts(self:DDPMLoss, **terms) -> dict:
 
 
 # %% ../nbs/04_coral.ipynb #0f8eed8e
+@patch
+def eps_pair(self:DDPMLoss, model, x_t, t, y_a, y_b):
+    "eps(x_t, y_a) and eps(x_t, y_b) from ONE forward call on the doubled batch (CBDM's y and y'; later CCUA's y and null, CM's two gates)."
+    return model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y_a, y_b])).chunk(2)
+
 class CBDMLoss(DDPMLoss):
     "CBDM: DDPM + tau*(t/T)*(||eps(y) - sg(eps(y'))||^2 + 1/4 ||sg(eps(y)) - eps(y')||^2), y' ~ label frequencies."
     name = 'cbdm'
@@ -144,11 +149,6 @@ class CBDMLoss(DDPMLoss):
     def extra_draws(self, x0, y, generator):
         freq = self.class_counts.to(_gen_device(generator, x0.device))
         return {'y_other': torch.multinomial(freq / freq.sum(), len(x0), replacement=True, generator=generator).to(x0.device)}
-
-    def eps_pair(self, model, x_t, t, y_in, y_other):
-        "eps(x_t, y) and eps(x_t, y') from ONE forward call on the doubled batch."
-        eps = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y_in, y_other]))
-        return eps.chunk(2)
 
     def cbdm_reg(self, eps, eps_other, d:Draws) -> torch.Tensor:
         weight = self.tau * d.t.float() / self.diffusion.T * d.keep
@@ -357,7 +357,7 @@ class CMLoss(DDPMLoss):
     def objective(self, model, x0, x_t, y, y_in, d):
         gate = torch.cat([x_t.new_ones(len(x0)), x_t.new_zeros(len(x0))])
         with low_rank_gate(model, gate):
-            eps_on, eps_off = model(torch.cat([x_t, x_t]), torch.cat([d.t, d.t]), torch.cat([y_in, y_in])).chunk(2)
+            eps_on, eps_off = self.eps_pair(model, x_t, d.t, y_in, y_in)
         gap = eps_mse(eps_on, eps_off)
         return self.parts(diffusion=eps_mse(eps_on, d.noise).mean(), reg=(self.class_weight.to(y.device)[y] * gap).mean(),
                           cm_gap=gap.mean().detach())
@@ -386,7 +386,7 @@ class CCUALoss(DDPMLoss):
     def objective(self, model, x0, x_t, y, y_in, d):
         B, w = len(x0), d.t.float() / self.diffusion.T
         with BottleneckHook(model) as hook:
-            eps, eps_unc = model(torch.cat([x_t, x_t]), torch.cat([d.t, d.t]), torch.cat([y_in, torch.full_like(y_in, NULL_LABEL)])).chunk(2)
+            eps, eps_unc = self.eps_pair(model, x_t, d.t, y_in, torch.full_like(y_in, NULL_LABEL))
         h, w_nce = hook.features[B:].flatten(1), w
         if self.gather is not None: h, _, _, t_all = self.gather(h, y, d.keep, d.t); w_nce = t_all.float() / self.diffusion.T
         info_nce = self_info_nce(h, self.temperature)

@@ -4,24 +4,19 @@
 
 # %% ../nbs/08_eval.ipynb #29f94317
 from __future__ import annotations
-import hashlib, io, json, math, os, subprocess, sys, tempfile, time, warnings
-from dataclasses import dataclass, field
+import json, math, sys, tempfile, time
 from pathlib import Path
-from fastcore.basics import patch  # adds methods to a class cell by cell
 
 import numpy as np
 import torch
-from torch import nn
-import torch.nn.functional as F
 
 import coral_nb
 from .metrics import *
-from .metrics import _f64, _feats64, _coverage, _as_float, _nn_dist, _subsample, _far_threshold
+from .metrics import _feats64
 from .features import *
-from .features import _write_sidecar, _read_verified, _has_entry, _source_tag
-from .data import digits, image_folder, data_dir, class_groups, default_thresholds, head_tail, classes_by_frequency, to_image, finite_float, positive_int
-from .ddpm import Diffusion, ddpm_sample, ddim_sample
-from .train import load_checkpoint, check_device, model_from_loaded, load_training_data, ImageBank, git_commit, write_atomic, to_uint8, draw_samples, _interactive
+from .data import class_groups, default_thresholds, head_tail, to_image, finite_float
+from .ddpm import Diffusion
+from .train import load_checkpoint, check_device, model_from_loaded, git_commit, write_atomic, to_uint8, draw_samples, _interactive
 
 # %% auto #0
 __all__ = ['GROUP_KEYS', 'EXTRACTORS', 'LPIPS_KINDS', 'checkpoint_file', 'load_run', 'generate', 'load_samples',

@@ -4,7 +4,7 @@
 
 # %% ../nbs/07_features.ipynb #ft000004
 from __future__ import annotations
-import hashlib, io, json, math, os, subprocess, sys, tempfile, time, warnings
+import hashlib, io, json, math, os, sys, time, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from fastcore.basics import patch  # adds methods to a class cell by cell
@@ -16,9 +16,9 @@ import torch.nn.functional as F
 
 import coral_nb
 from .metrics import *
-from .metrics import _f64, _feats64, _coverage, _as_float, _nn_dist, _subsample, _far_threshold
-from .data import digits, image_folder, data_dir, class_groups, default_thresholds, head_tail, classes_by_frequency, to_image, finite_float, positive_int
-from .train import load_checkpoint, check_device, model_from_loaded, load_training_data, ImageBank, git_commit, write_atomic, to_uint8, draw_samples, _interactive
+from .metrics import _feats64, _as_float, _nn_dist, _subsample
+from .data import digits, image_folder, data_dir
+from .train import ImageBank, write_atomic, to_uint8
 
 # %% auto #0
 __all__ = ['OFFLINE_EXTRACTOR', 'INCEPTION', 'INCEPTION_FILE', 'NEIGHBOURS_VERSION', 'SmallCNN', 'CoralCNNExtractor',

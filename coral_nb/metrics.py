@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_metrics.ipynb #mt000004
 from __future__ import annotations
-import math, warnings
+import math
 
 import numpy as np
 import torch

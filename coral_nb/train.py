@@ -810,7 +810,6 @@ def class_labels(classes, names=None) -> list[str]:
 
 def _show_progress(self:Trainer) -> bool:
     "Progress bars in a notebook or a terminal (not in a log file: the 'drawing a sample grid' line says it there)."
-    import sys
     return self.main and not self.quiet and _interactive()
 
 # %% ../nbs/05_train.ipynb #e05432fe
