@@ -18,8 +18,9 @@ from torchvision.datasets import ImageFolder
 __all__ = ['PROFILES', 'SELECTIONS', 'KEEP_ALL', 'GROUP_COLOURS', 'IMG_EXTENSIONS', 'lt_counts', 'get_targets', 'check_labels',
            'LongTailed', 'long_tailed', 'image_transform', 'TensorImages', 'digits', 'digits_lt', 'class_groups',
            'default_thresholds', 'classes_by_frequency', 'head_tail', 'plot_class_counts', 'to_image',
-           'show_class_grid', 'cifar', 'cifar_lt', 'load_image', 'image_folder', 'image_folder_lt', 'ImageList',
-           'data_dir', 'extract_zip', 'finite_float', 'positive_int', 'data_main']
+           'show_class_grid', 'grid_image', 'save_grid', 'class_labels', 'cifar', 'cifar_lt', 'load_image',
+           'image_folder', 'image_folder_lt', 'ImageList', 'data_dir', 'extract_zip', 'finite_float', 'positive_int',
+           'data_main']
 
 # %% ../nbs/00_data.ipynb #a6e8df24
 PROFILES = ('exp', 'step')
@@ -240,6 +241,35 @@ def show_class_grid(dataset, n_per_class:int=8, classes:Sequence[int]|None=None,
         row[0].text(-0.15, 0.5, f'{names[c]} ({counts[c]})', transform=row[0].transAxes, ha='right', va='center', fontsize=8)
     fig.subplots_adjust(wspace=0.05, hspace=0.05, left=0.15)
     return fig
+
+# %% ../nbs/00_data.ipynb #dagrid002
+def grid_image(samples:torch.Tensor, n_per_class:int, labels=None, row_px:int=24):
+    "Samples in [-1, 1] as a PIL image, `n_per_class` per row; with `labels` (one per row), enlarged to `row_px` and labelled at the left."
+    from torchvision.utils import make_grid
+    from PIL import Image, ImageDraw, ImageFont
+    grid = make_grid(((samples.detach().float().cpu() + 1) / 2).clamp(0, 1), nrow=n_per_class, padding=1)
+    img = Image.fromarray(grid.mul(255).add(0.5).clamp(0, 255).byte().permute(1, 2, 0).numpy())
+    if labels is None: return img
+    rows, cell = -(-len(samples) // n_per_class), samples.shape[-2] + 1
+    if len(labels) != rows: raise ValueError(f"{len(labels)} labels for {rows} rows of samples")
+    k = max(1, -(-row_px // cell))   # small images are enlarged (nearest neighbour) so that a line of text fits a row
+    img = img.resize((img.width * k, img.height * k), Image.NEAREST)
+    font, labels = ImageFont.load_default(), [str(l) for l in labels]
+    boxes = [ImageDraw.Draw(img).textbbox((0, 0), l, font=font) for l in labels]
+    margin = max(b[2] for b in boxes) + 8
+    out = Image.new('RGB', (img.width + margin, img.height), 'white'); out.paste(img, (margin, 0))
+    draw = ImageDraw.Draw(out)
+    for r, (l, b) in enumerate(zip(labels, boxes)):
+        draw.text((margin - 4 - b[2], (r * cell + 1 + cell / 2) * k - (b[1] + b[3]) / 2), l, fill='black', font=font)
+    return out
+
+def save_grid(samples:torch.Tensor, path, n_per_class:int, labels=None):
+    "Save samples in [-1, 1] as a PNG grid with `n_per_class` images per row; `labels` (one per row, e.g. class names) at the left."
+    grid_image(samples, n_per_class, labels).save(path)
+
+def class_labels(classes, names=None) -> list[str]:
+    "Row labels for a grid of `classes`: the class names when known, else the class numbers."
+    return [names[c] if names else str(c) for c in classes]
 
 # %% ../nbs/00_data.ipynb #086b8c3e
 def _missing_root(root, what, hint):

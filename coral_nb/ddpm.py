@@ -13,7 +13,7 @@ from fastcore.basics import patch  # adds methods to a class cell by cell (fastc
 
 # %% auto #0
 __all__ = ['NULL_LABEL', 'SCHEDULES', 'VAR_TYPES', 'SPACINGS', 'linear_betas', 'cosine_betas', 'Diffusion', 'guided_eps',
-           'MixtureOracle', 'ddpm_sample', 'ddim_timesteps', 'ddim_sample']
+           'MixtureOracle', 'ddpm_sample', 'ddim_timesteps', 'ddim_sample', 'draw_samples', 'sample_grid']
 
 # %% ../nbs/01_ddpm.ipynb #2660fa87
 NULL_LABEL = -1  # a label entry equal to NULL_LABEL means "no label": the unconditional pass of classifier-free guidance
@@ -409,3 +409,26 @@ def ddim_sample(model, diffusion:Diffusion,
             if return_trajectory: traj.append(x)
     out = x.clamp(-1, 1)
     return (out, torch.stack(traj).cpu()) if return_trajectory else out
+
+# %% ../nbs/01_ddpm.ipynb #ddgrid002
+def draw_samples(model, diffusion:Diffusion, y:torch.Tensor, img_shape, sampler:str='ddpm', steps:int=100, eta:float=0.,
+                 var_type:str='fixedlarge', guidance:float=1.0, generator=None, progress:bool=False) -> torch.Tensor:
+    "Samples for labels `y` with the named sampler: 'ddpm' (ancestral, all T steps) or 'ddim' (`steps` steps)."
+    if sampler == 'ddim': return ddim_sample(model, diffusion, y, img_shape, steps=steps, eta=eta, guidance=guidance, generator=generator, progress=progress)
+    if sampler == 'ddpm': return ddpm_sample(model, diffusion, y, img_shape, guidance=guidance, var_type=var_type, generator=generator, progress=progress)
+    raise ValueError(f"unknown sampler {sampler!r}; valid: 'ddpm', 'ddim'")
+
+@torch.no_grad()
+def sample_grid(model, diffusion:Diffusion, classes, n_per_class:int=8, img_shape=(3, 32, 32), guidance:float=1.0,
+                sampler:str='ddpm', steps:int=100, eta:float=0., var_type:str='fixedlarge', seed:int=0,
+                progress:bool=False, batch_size:int=500, bf16:bool=False, inference:bool=False) -> torch.Tensor:
+    "`n_per_class` samples of each class in `classes`, in that order: [len(classes) * n_per_class, C, H, W] in [-1, 1]."
+    if sampler not in ('ddpm', 'ddim'): raise ValueError(f"unknown sampler {sampler!r}; valid: 'ddpm', 'ddim'")
+    device = next(model.parameters()).device
+    y = torch.tensor(list(classes), device=device).repeat_interleave(n_per_class)
+    g = torch.Generator(device).manual_seed(seed)
+    def draw(yb): return draw_samples(model, diffusion, yb, img_shape, sampler, steps, eta, var_type, guidance, g, progress)
+    # bf16: the U-Net runs under bf16 autocast (eps rounded to bf16; the sampler's arithmetic stays float32)
+    # inference: torch.inference_mode (no autograd bookkeeping; the result cannot enter autograd or be changed in place)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), (torch.inference_mode() if inference else torch.no_grad()):
+        return torch.cat([draw(yb).float() for yb in y.split(batch_size)])
