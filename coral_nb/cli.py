@@ -115,7 +115,8 @@ def train_cli(argv=None):
         out = Path(a.out or Path('runs') / a.preset)
         run = train(cfg, out, a.device, resume=a.resume, overwrite=a.overwrite, progress=False)   # text progress: a terminal, not a plot
     except TrainingInterrupted as e:
-        _fail('coral_train', f"interrupted by {e.signame} at step {e.step}: checkpoint saved to {e.checkpoint}; resume with: {_resume_command(argv)}", e.exit_code, kind=None)
+        msg = (f"interrupted by {e.signame} at step {e.step}: checkpoint saved to {e.checkpoint}" if e.saved else str(e))   # a second signal: nothing saved
+        _fail('coral_train', msg + (f"; resume with: {_resume_command(argv)}" if e.step is not None else ''), e.exit_code, kind=None)
     except NonFiniteLoss as e: _fail('coral_train', e, 1)
     except (ValueError, FileNotFoundError, RunFolderError) as e: _fail('coral_train', e)
     except KeyboardInterrupt: _fail('coral_train', 'interrupted before training started; nothing was saved', 130, kind=None)

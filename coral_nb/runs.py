@@ -182,10 +182,10 @@ def truncate_metrics(path, step:int):
 
 # %% ../nbs/05_runs.ipynb #dbe1a9b3
 class TrainingInterrupted(Exception):
-    "Training stopped by a signal (SIGINT: Ctrl-C; SIGTERM: what schedulers send); `step` is that of the checkpoint on disk."
-    def __init__(self, msg:str, signame:str, step:int|None, checkpoint:Path):
+    "Training stopped by a signal (SIGINT: Ctrl-C; SIGTERM: what schedulers send); `step` is that of the checkpoint on disk (None: none), `saved` whether it was written on the way out."
+    def __init__(self, msg:str, signame:str, step:int|None, checkpoint:Path, saved:bool=True):
         super().__init__(msg)
-        self.signame, self.step, self.checkpoint = signame, step, checkpoint
+        self.signame, self.step, self.checkpoint, self.saved = signame, step, checkpoint, saved
         self.exit_code = 128 + int(getattr(signal, signame))   # the shells' convention: 130 for SIGINT, 143 for SIGTERM
 
 class StopNow(BaseException): "A second signal, or a signal during abandonable work: stop at once."

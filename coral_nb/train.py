@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_train.ipynb #trimports
 from __future__ import annotations
-import dataclasses, threading, time
+import dataclasses, threading, time, warnings
 from dataclasses import dataclass, asdict
 from functools import partial
 from pathlib import Path
@@ -14,14 +14,16 @@ import torch
 from torch import nn
 import torch.distributed as dist
 
-from .data import (digits_lt, cifar_lt, image_folder_lt, ImageList, classes_by_frequency, save_grid, class_labels,
+from .data import (digits_lt, cifar_lt, image_folder_lt, ImageList, classes_by_frequency, grid_image, class_labels,
                            PROFILES, KEEP_ALL, SELECTIONS)
 from .ddpm import Diffusion, sample_grid
 from .unet import unet_cifar, unet_64, unet_tiny, unwrap_model
 from .coral import make_method, prepare_model, METHODS, Draws
-from .runs import (ConfigError, check_fields, RunFolder, RunFolderError, Signals, StopNow, TrainingInterrupted,
-                           save_checkpoint, load_checkpoint, rng_state, set_rng_state, seed_everything, check_device, in_notebook, interactive,
-                           dist_info, init_distributed, gather_features, average_gradients)
+from .runs import (ConfigError, check_fields, RunFolder, RunFolderError, RunInUse, CheckpointError, Signals, StopNow,
+                           TrainingInterrupted, save_checkpoint, load_checkpoint, write_atomic, rng_state, set_rng_state,
+                           seed_everything, check_device, in_notebook, interactive, dist_info, init_distributed, gather_features,
+                           average_gradients)
+_all_ = ['ConfigError', 'RunFolderError', 'RunInUse', 'CheckpointError', 'TrainingInterrupted', 'load_checkpoint']   # also from here
 
 # %% auto #0
 __all__ = ['CHOICES', 'RANGES', 'RESUMABLE_FIELDS', 'PAPER_SETTINGS', 'LATER_METHODS', 'OWN_EVALUATION', 'PRESETS', 'MODELS',
@@ -29,7 +31,8 @@ __all__ = ['CHOICES', 'RANGES', 'RESUMABLE_FIELDS', 'PAPER_SETTINGS', 'LATER_MET
            'to_uint8', 'ImageBank', 'EpochBatches', 'load_training_data', 'build_model', 'build_method',
            'make_optimizer', 'make_ema', 'ema_update', 'Trainer', 'model_from_loaded', 'model_from_checkpoint',
            'Callback', 'CancelFit', 'NonFiniteLoss', 'NaNGuardCB', 'MetricsCB', 'ProgressCB', 'CheckpointCB',
-           'InterruptCB', 'SampleGridCB', 'default_callbacks', 'train']
+           'InterruptCB', 'SampleGridCB', 'default_callbacks', 'train', 'ConfigError', 'RunFolderError', 'RunInUse',
+           'CheckpointError', 'TrainingInterrupted', 'load_checkpoint']
 
 # %% ../nbs/06_train.ipynb #763d28dd
 @dataclass
@@ -108,17 +111,11 @@ class TrainConfig(RunSetting):
 
 # %% ../nbs/06_train.ipynb #trchoices
 CHOICES = {  # the fields that take one of a few names
-    'dataset': ('digits', 'cifar10', 'cifar100', 'folder', 'imagenet_lt'),
-    'lt_profile': (*PROFILES, KEEP_ALL),
-    'lt_selection': SELECTIONS,
-    'model': ('tiny8', 'tiny', 'cifar', '64', 'cifar_ch64'),
+    'dataset': ('digits', 'cifar10', 'cifar100', 'folder', 'imagenet_lt'), 'lt_profile': (*PROFILES, KEEP_ALL),
+    'lt_selection': SELECTIONS, 'model': ('tiny8', 'tiny', 'cifar', '64', 'cifar_ch64'),
     'method': METHODS,   # the registry itself: a method registered later is valid too
-    'drop_mode': ('sample', 'batch'),
-    'weighting': ('sample', 'batch'),
-    'head': ('linear', 'mlp'),
-    'optimizer': ('adam', 'adamw'),
-    'sampler': ('ddpm', 'ddim'),
-}
+    'drop_mode': ('sample', 'batch'), 'weighting': ('sample', 'batch'), 'head': ('linear', 'mlp'),
+    'optimizer': ('adam', 'adamw'), 'sampler': ('ddpm', 'ddim')}
 
 def _ge(n, what='an integer'): return (lambda v: v >= n), f"{what} >= {n}"
 def _gt0(what='a number'): return (lambda v: v > 0), f"{what} > 0"
@@ -368,14 +365,10 @@ class Trainer:
         self.generator = torch.Generator(self.device).manual_seed(cfg.seed * 1000 + self.rank)
         self.batches = EpochBatches(len(self.bank), cfg.batch_size, cfg.seed, self.rank, self.world, self.device)
 
-    def log(self, msg):
-        if self.main and not self.quiet: print(msg, flush=True)
+    def log(self, msg): return print(msg, flush=True) if self.main and not self.quiet else None
     def ddp_ready(self): return self.ddp and dist.is_initialized()
-    @property
-    def lock(self): return self.folder.lock
-    def close(self):
-        "Let go of the run folder (`fit` does this when it ends, however it ends)."
-        self.folder.close()
+    lock = property(lambda self: self.folder.lock)
+    def close(self): self.folder.close()   # let go of the run folder (`fit` does this when it ends, however it ends)
 
 # %% ../nbs/06_train.ipynb #trwrap
 def _wrap(self:Trainer, model:nn.Module) -> nn.Module:
@@ -405,14 +398,20 @@ Trainer._wrap, Trainer._open = _wrap, _open
 
 # %% ../nbs/06_train.ipynb #trckpt
 def _save(self:Trainer, path=None):
-    self.callback('before_save')   # the NaN guard: a broken state never overwrites the last good checkpoint
+    "Write the training state to `path` (default: the run's checkpoint) on rank 0; no checks, no collective calls."
+    to_run = path is None or Path(path) == self.folder.checkpoint
+    if to_run: self.last_good = self.step   # every rank knows which step is on disk
     if not self.main: return
     classes = None if self.bank.classes is None else [str(c) for c in self.bank.classes]
     save_checkpoint(dict(model=self.model.state_dict(), ema=self.ema.state_dict(), method=self.method.state_dict(),
                          optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), step=self.step,
                          rng=rng_state(self.generator), config=asdict(self.cfg),
                          class_counts=[int(c) for c in self.bank.class_counts], classes=classes), path or self.folder.checkpoint)
-    self.last_good = self.step
+
+def _checkpoint(self:Trainer):
+    "The `before_save` callbacks (the NaN guard), then `save` to the run's checkpoint; called on every rank."
+    self.callback('before_save')   # a broken state never overwrites the last good checkpoint
+    self.save()
 
 def _load(self:Trainer, path):
     ck = load_checkpoint(path, self.device)
@@ -425,15 +424,13 @@ def _load(self:Trainer, path):
     if self.main: self.folder.resumed_at(self.step)
     self.log(f"resumed from {path} at step {self.step}")
 
-Trainer.save, Trainer.load = _save, _load
+Trainer.save, Trainer.checkpoint, Trainer.load = _save, _checkpoint, _load
 
 def model_from_loaded(ck:dict, ema:bool=True, device='cpu'):
     "(model, config, class_counts) from a checkpoint dict read by `load_checkpoint`."
     cfg = config_from_dict(ck['config'])
     model = build_model(cfg, len(ck['class_counts'])).to(device)
-    if ema: state = {k.removeprefix('module.'): v for k, v in ck['ema'].items() if k != 'n_averaged'}
-    else: state = ck['model']
-    model.load_state_dict(state)
+    model.load_state_dict({k.removeprefix('module.'): v for k, v in ck['ema'].items() if k != 'n_averaged'} if ema else ck['model'])
     return model.eval(), cfg, ck['class_counts']
 
 def model_from_checkpoint(path, ema:bool=True, device='cpu'):
@@ -445,7 +442,7 @@ def model_from_checkpoint(path, ema:bool=True, device='cpu'):
 # %% ../nbs/06_train.ipynb #trcbbase
 class Callback:
     "A piece of the loop's work: define any of before_fit, after_step, before_save, after_fit, cleanup_fit(trainer); lower `order` runs first."
-    order = 100   # the built-in callbacks have 10 to 60: yours runs after them (it sees this step's metrics row) unless it says otherwise
+    order = 100   # the built-in ones have 10 to 60 (InterruptCB 1000): yours sees this step's metrics row unless it says otherwise
 
 class CancelFit(Exception): "Raised by a callback to end `fit` after the current step (the after_fit callbacks still run)."
 
@@ -453,6 +450,12 @@ def _callback(self:Trainer, event:str):
     for cb in self.cbs:
         method = getattr(cb, event, None)
         if method is not None: method(self)
+
+def _cleanup(self:Trainer):
+    "Every cleanup_fit callback, each on its own: one that fails cannot keep the others (the signal handlers) from running."
+    for cb in self.cbs:
+        try: getattr(cb, 'cleanup_fit', lambda t: None)(self)
+        except Exception as e: warnings.warn(f"{type(cb).__name__}.cleanup_fit failed: {e!r}")
 
 def _due(self:Trainer, every:int) -> bool:
     "Whether the step just taken is one of every `every` steps, or the last one of this `fit`."
@@ -470,20 +473,20 @@ def _fit(self:Trainer, stop_at:int|None=None, progress:bool|None=None) -> Path:
                  f"on {self.device} x{self.world}: steps {self.step} -> {self.end}, run folder {self.out}")
         self.steps = range(self.step, self.end)   # ProgressCB wraps it in a progress bar
         try:
-            self.callback('before_fit')
             try:
+                self.callback('before_fit')
                 for _ in self.steps:
                     self.parts = self.train_step()
                     self.callback('after_step')
             except CancelFit: pass
             self.callback('after_fit')
         except StopNow: raise self.interrupted(saved=False) from None
-        finally: self.callback('cleanup_fit')
+        finally: self._cleanup()
         if self.ddp_ready(): dist.barrier()
         return self.out
     finally: self.close()
 
-Trainer.callback, Trainer.due, Trainer.fit = _callback, _due, _fit
+Trainer.callback, Trainer._cleanup, Trainer.due, Trainer.fit = _callback, _cleanup, _due, _fit
 
 # %% ../nbs/06_train.ipynb #trnan
 class NonFiniteLoss(RuntimeError): "The training loss became NaN or inf."
@@ -548,20 +551,20 @@ class CheckpointCB(Callback):
     "A checkpoint every `ckpt_every` steps, at the last step, and when a callback ends the loop early."
     order = 40
     def after_step(self, t):
-        if t.due(t.cfg.ckpt_every): t.save()
+        if t.due(t.cfg.ckpt_every): t.checkpoint()
     def after_fit(self, t):
-        if t.last_good != t.step: t.save()
+        if t.last_good != t.step: t.checkpoint()
 
 class InterruptCB(Callback):
     "SIGINT/SIGTERM: finish the step, end the loop, save, raise `TrainingInterrupted`; a second signal stops at once."
-    order = 50
+    order = 1000   # last: a signal that arrives during any other callback is still seen at the end of its step
     def before_fit(self, t):
         t.signals = Signals(enabled=not t.ddp and threading.current_thread() is threading.main_thread()).__enter__()
     def after_step(self, t):
         if t.signals.caught: raise CancelFit()
     def after_fit(self, t):
         if not t.signals.caught: return
-        if t.last_good != t.step: t.save()   # inside the guard: a second signal during the save stops at once
+        if t.last_good != t.step: t.checkpoint()   # inside the guard: a second signal during the save stops at once
         raise t.interrupted()
     def cleanup_fit(self, t):
         if getattr(t, 'signals', None) is not None: t.signals.__exit__(); t.signals = None
@@ -573,7 +576,7 @@ def _interrupted(self:Trainer, saved:bool=True) -> TrainingInterrupted:
     else:
         last = f"the last checkpoint in {self.out} is from step {self.last_good}" if self.last_good is not None else f"no checkpoint was written to {self.out}"
         msg = f"interrupted twice by {signame}: stopped at once without saving; {last}"
-    return TrainingInterrupted(msg, signame, self.step if saved else self.last_good, ck)
+    return TrainingInterrupted(msg, signame, self.step if saved else self.last_good, ck, saved)
 
 Trainer.interrupted = _interrupted
 
@@ -593,7 +596,8 @@ def _write_samples(self:Trainer):
                     tuple(self.bank.images.shape[1:]), cfg.guidance, cfg.sampler, cfg.sample_steps, seed=cfg.seed, progress=self._show_progress(),
                     bf16=cfg.sample_fast, inference=cfg.sample_fast)
     path = self.out / 'samples' / f'step_{self.step:07d}.png'
-    save_grid(x, path, cfg.n_per_class, class_labels(classes, self.bank.classes))
+    image = grid_image(x, cfg.n_per_class, class_labels(classes, self.bank.classes))
+    write_atomic(path, lambda p: image.save(p, format='PNG'))   # a grid abandoned mid-write leaves no half PNG
     return path
 
 Trainer.write_samples, Trainer._show_progress = _write_samples, _show_progress
@@ -606,7 +610,9 @@ class SampleGridCB(Callback):
         every = t.cfg.sample_every
         if not every or not (t.step % every == 0 or t.step == t.cfg.steps): return
         signals = getattr(t, 'signals', None)
-        if signals is not None: signals.abandonable = True   # a grid changes no training state: nothing to finish
+        if signals is not None:
+            if signals.caught: raise CancelFit()   # a signal arrived earlier in this step: no grid
+            signals.abandonable = True             # a grid changes no training state: nothing to finish
         try: path = t.write_samples()
         except StopNow:
             if signals is None or signals.twice: raise
