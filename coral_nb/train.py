@@ -498,8 +498,9 @@ class NaNGuardCB(Callback):
     def after_step(self, t):
         bad = ~torch.isfinite(t.parts['loss'])   # a device flag: nothing is read back here
         self.bad, self.n = (bad if self.bad is None else self.bad | bad), self.n + 1
-        if t.due(t.cfg.log_every) or t.due(t.cfg.ckpt_every): self.before_save(t)
-    def before_save(self, t):
+        if t.due(t.cfg.log_every) or t.due(t.cfg.ckpt_every): self.check(t)
+    def check(self, t):
+        "Read the flag once: raise if any loss since the last check was NaN or inf."
         bad, n = getattr(self, 'bad', None), getattr(self, 'n', 0)
         if not n: return
         self.bad, self.n = None, 0
@@ -508,6 +509,7 @@ class NaNGuardCB(Callback):
             where = f"last good checkpoint: step {t.last_good}" if t.last_good is not None else "no checkpoint was written"
             raise NonFiniteLoss(f"the loss became NaN or inf between steps {t.step - n + 1} and {t.step}; "
                                 f"stopping ({where}, kept in {t.out}). Lower lr or check the data.")
+    before_save = check   # and before every checkpoint, so a broken state never overwrites a good one
 
 # %% ../nbs/06_train.ipynb #trmetrics
 class MetricsCB(Callback):
@@ -562,10 +564,8 @@ class InterruptCB(Callback):
         t.signals = Signals(enabled=not t.ddp and threading.current_thread() is threading.main_thread()).__enter__()
     def after_step(self, t):
         if t.signals.caught: raise CancelFit()
-    def after_fit(self, t):
-        if not t.signals.caught: return
-        if t.last_good != t.step: t.checkpoint()   # inside the guard: a second signal during the save stops at once
-        raise t.interrupted()
+    def after_fit(self, t):   # CheckpointCB's after_fit has saved this step, inside the guard: a second signal there stops at once
+        if t.signals.caught: raise t.interrupted()
     def cleanup_fit(self, t):
         if getattr(t, 'signals', None) is not None: t.signals.__exit__(); t.signals = None
 
