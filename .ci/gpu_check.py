@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from coral_nb.train import ImageBank, Trainer, preset
+from coral_nb.data import ImageBank
+from coral_nb.train import Trainer, preset
 from coral_nb.ddpm import Diffusion, sample_grid
 from coral_nb.unet import BottleneckHook
 from coral_nb.bench import uses_sdpa, make_trainer, _discard

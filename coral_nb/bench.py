@@ -14,7 +14,9 @@ from .data import finite_float, positive_int
 from .ddpm import Diffusion, ddpm_sample, ddim_sample, guided_eps
 from dataclasses import asdict
 import torch.distributed as dist
-from .train import ImageBank, Trainer, preset, build_model, config_from_dict
+from .data import ImageBank
+from .train import Trainer, preset, build_model, config_from_dict
+from .runs import load_checkpoint
 from .unet import unwrap_model
 
 # %% auto #0
@@ -433,6 +435,11 @@ def _check_worker(rank, world, port, out_dir, cfg_dict):
         half = slice(rank * len(y) // world, (rank + 1) * len(y) // world)
         t.train_step(draws=draws[half], batch=(x0[half], y[half]))
         if rank == 0: torch.save(t.model.state_dict() | {f'head.{k}': v for k, v in t.method.state_dict().items()}, Path(out_dir) / 'ddp.pt')
+        t.checkpoint()   # every rank's generators go into rank 0's checkpoint: each rank resumes its own stream
+        if rank == 0:
+            states = [r['generator'] for r in load_checkpoint(t.folder.checkpoint)['rank_rngs']]
+            if len(states) != world or any(torch.equal(states[0], s) for s in states[1:]):
+                raise AssertionError(f"checkpoint should hold {world} distinct generator states, holds {len(states)}")
     finally:
         if dist.is_initialized(): dist.destroy_process_group()
 

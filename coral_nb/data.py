@@ -19,8 +19,8 @@ __all__ = ['PROFILES', 'SELECTIONS', 'KEEP_ALL', 'GROUP_COLOURS', 'IMG_EXTENSION
            'LongTailed', 'long_tailed', 'image_transform', 'TensorImages', 'digits', 'digits_lt', 'class_groups',
            'default_thresholds', 'classes_by_frequency', 'head_tail', 'plot_class_counts', 'to_image',
            'show_class_grid', 'grid_image', 'save_grid', 'class_labels', 'cifar', 'cifar_lt', 'load_image',
-           'image_folder', 'image_folder_lt', 'ImageList', 'data_dir', 'extract_zip', 'finite_float', 'positive_int',
-           'data_main']
+           'image_folder', 'image_folder_lt', 'ImageList', 'data_dir', 'extract_zip', 'to_uint8', 'ImageBank',
+           'EpochBatches', 'finite_float', 'positive_int', 'data_main']
 
 # %% ../nbs/00_data.ipynb #a6e8df24
 PROFILES = ('exp', 'step')
@@ -368,6 +368,62 @@ def extract_zip(zip_path:str|Path, dest:str|Path) -> Path:
         with zipfile.ZipFile(zip_path) as z: z.extractall(dest)
         marker.touch()
     return dest
+
+# %% ../nbs/00_data.ipynb #0fae935f
+def to_uint8(x:torch.Tensor, rgb:bool=False) -> torch.Tensor:
+    "Images in [-1, 1] [B, C, H, W] -> uint8 (uint8 kept as it is); grey repeated to three channels if `rgb` (as image metrics expect)."
+    if x.dtype != torch.uint8: x = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.expand(-1, 3, -1, -1).contiguous() if rgb and x.shape[1] == 1 else x
+
+class ImageBank:
+    "A decoded dataset held as uint8 images [N, C, H, W] and labels [N] on one device."
+    def __init__(self, images:torch.Tensor, labels:torch.Tensor, class_counts, classes=None):
+        self.images, self.labels = images, labels
+        self.class_counts, self.classes = list(class_counts), classes
+    @classmethod
+    def from_dataset(cls, ds, device='cpu', batch_size:int=256, num_workers:int=0):
+        "Decode every item of `ds` (images in [-1, 1]) once."
+        from torch.utils.data import DataLoader
+        xs, ys = [], []
+        for x, y in DataLoader(ds, batch_size=batch_size, num_workers=num_workers):
+            xs.append(to_uint8(x)); ys.append(torch.as_tensor(y))
+        images, labels = torch.cat(xs).to(device), torch.cat(ys).long().to(device)
+        counts = getattr(ds, 'class_counts', None) or torch.bincount(labels.cpu()).tolist()
+        return cls(images, labels, counts, getattr(ds, 'classes', None))
+    def __len__(self): return len(self.labels)
+    @property
+    def device(self): return self.images.device
+    def to(self, device) -> 'ImageBank':
+        return ImageBank(self.images.to(device), self.labels.to(device), self.class_counts, self.classes)
+    def batch(self, idx:torch.Tensor, flip:bool=False, generator=None):
+        "Images in [-1, 1] (float32) and labels for indices `idx`, with random horizontal flips if `flip`."
+        x = self.images[idx].float() / 127.5 - 1
+        if flip:
+            gdev = generator.device if generator is not None else self.device
+            f = (torch.rand(len(idx), generator=generator, device=gdev) < 0.5).to(self.device)
+            x = torch.where(f[:, None, None, None], x.flip(-1), x)
+        return x, self.labels[idx]
+
+# %% ../nbs/00_data.ipynb #13668136
+class EpochBatches:
+    "Indices of global batch `step`: consecutive slices of per-epoch permutations seeded by (seed, epoch), sharded by rank."
+    def __init__(self, n:int, batch_size:int, seed:int=0, rank:int=0, world:int=1, device='cpu'):
+        if batch_size % world: raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world}")
+        if n < batch_size: raise ValueError(f"the dataset has {n} images, fewer than one batch of {batch_size}; lower batch_size")
+        self.n, self.bs, self.seed, self.rank, self.world, self.device = n, batch_size, seed, rank, world, device
+        self.per_epoch = n // batch_size
+        self._cache = (None, None)
+    def perm(self, epoch:int) -> torch.Tensor:
+        "This epoch's permutation, made on the CPU from (seed, epoch) and copied to the device once per epoch."
+        if self._cache[0] != epoch:
+            p = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            self._cache = (epoch, p.to(self.device))
+        return self._cache[1]
+    def __call__(self, step:int) -> torch.Tensor:
+        epoch, k = divmod(step, self.per_epoch)
+        batch = self.perm(epoch)[k * self.bs:(k + 1) * self.bs]
+        local = self.bs // self.world
+        return batch[self.rank * local:(self.rank + 1) * local]
 
 # %% ../nbs/00_data.ipynb #f1a7e001
 def finite_float(s:str) -> float:

@@ -18,7 +18,8 @@ from .data import class_groups, default_thresholds, head_tail, to_image, finite_
 from .ddpm import Diffusion
 from .ddpm import draw_samples
 from .runs import load_checkpoint, check_device, git_commit, write_atomic, interactive
-from .train import model_from_loaded, to_uint8
+from .train import model_from_loaded
+from .data import to_uint8
 
 # %% auto #0
 __all__ = ['GROUP_KEYS', 'EXTRACTORS', 'LPIPS_KINDS', 'checkpoint_file', 'load_run', 'generate', 'load_samples',

@@ -19,7 +19,7 @@ from .metrics import *
 from .metrics import _feats64, _as_float, _nn_dist, _subsample
 from .data import digits, image_folder, data_dir
 from .runs import write_atomic
-from .train import ImageBank, to_uint8
+from .data import ImageBank, to_uint8
 
 # %% auto #0
 __all__ = ['OFFLINE_EXTRACTOR', 'INCEPTION', 'INCEPTION_FILE', 'NEIGHBOURS_VERSION', 'SmallCNN', 'CoralCNNExtractor',

@@ -14,7 +14,7 @@ from .ddpm import Diffusion, NULL_LABEL
 from .unet import BottleneckHook, unwrap_model
 from .data import TensorImages, get_targets
 from .runs import git_commit
-from .train import EpochBatches
+from .data import EpochBatches
 
 # %% auto #0
 __all__ = ['bottleneck_features', 'official_features', 'knn_labels', 'knn_purity', 'purity_chance', 'borrowing',

@@ -159,8 +159,8 @@ def set_rng_state(s:dict, generator:torch.Generator):
     random.setstate((version, tuple(internal), gauss))
     kind, key, pos, has_gauss, gauss = s['numpy']
     np.random.set_state((kind, np.asarray(key, dtype=np.uint32), int(pos), int(has_gauss), float(gauss)))
-    torch.set_rng_state(s['torch']); generator.set_state(s['generator'])
-    if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
+    torch.set_rng_state(s['torch'].cpu()); generator.set_state(s['generator'].cpu())   # states are CPU byte tensors, wherever loaded
+    if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all([c.cpu() for c in s['cuda']])
 
 def seed_everything(seed:int):
     "Seed Python's, NumPy's and torch's global generators."
@@ -379,7 +379,9 @@ def init_distributed(device=None) -> torch.device:
     rank, world, local = dist_info()
     if device is None: device = f'cuda:{local}' if torch.cuda.is_available() else 'cpu'
     device = torch.device(device)
-    if device.type == 'cuda': torch.cuda.set_device(device)
+    if device.type == 'cuda':
+        if device.index is None: device = torch.device('cuda', local)   # 'cuda' alone: this process's GPU
+        torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return device

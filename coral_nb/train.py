@@ -15,7 +15,7 @@ from torch import nn
 import torch.distributed as dist
 
 from .data import (digits_lt, cifar_lt, image_folder_lt, ImageList, classes_by_frequency, grid_image, class_labels,
-                           PROFILES, KEEP_ALL, SELECTIONS)
+                           PROFILES, KEEP_ALL, SELECTIONS, ImageBank, EpochBatches, to_uint8)
 from .ddpm import Diffusion, sample_grid
 from .unet import unet_cifar, unet_64, unet_tiny, unwrap_model
 from .coral import make_method, prepare_model, METHODS, Draws
@@ -28,11 +28,11 @@ _all_ = ['ConfigError', 'RunFolderError', 'RunInUse', 'CheckpointError', 'Traini
 # %% auto #0
 __all__ = ['CHOICES', 'RANGES', 'RESUMABLE_FIELDS', 'PAPER_SETTINGS', 'LATER_METHODS', 'OWN_EVALUATION', 'PRESETS', 'MODELS',
            'RunSetting', 'TrainConfig', 'check_config', 'data_seed', 'config_diff', 'config_from_dict', 'preset',
-           'to_uint8', 'ImageBank', 'EpochBatches', 'load_training_data', 'build_model', 'build_method',
-           'make_optimizer', 'make_ema', 'ema_update', 'Trainer', 'model_from_loaded', 'model_from_checkpoint',
-           'Callback', 'CancelFit', 'NonFiniteLoss', 'NaNGuardCB', 'MetricsCB', 'ProgressCB', 'CheckpointCB',
-           'InterruptCB', 'SampleGridCB', 'default_callbacks', 'train', 'ConfigError', 'RunFolderError', 'RunInUse',
-           'CheckpointError', 'TrainingInterrupted', 'load_checkpoint']
+           'load_training_data', 'build_model', 'build_method', 'make_optimizer', 'make_ema', 'ema_update', 'Trainer',
+           'use_fused', 'model_from_loaded', 'model_from_checkpoint', 'Callback', 'CancelFit', 'NonFiniteLoss',
+           'NaNGuardCB', 'MetricsCB', 'ProgressCB', 'CheckpointCB', 'InterruptCB', 'SampleGridCB', 'default_callbacks',
+           'train', 'ConfigError', 'RunFolderError', 'RunInUse', 'CheckpointError', 'TrainingInterrupted',
+           'load_checkpoint']
 
 # %% ../nbs/06_train.ipynb #763d28dd
 @dataclass
@@ -214,62 +214,6 @@ def preset(name:str, **overrides) -> TrainConfig:
     if name not in PRESETS: raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(sorted(PRESETS))}")
     return config_from_dict({**asdict(PRESETS[name]), **overrides})
 
-# %% ../nbs/06_train.ipynb #0fae935f
-def to_uint8(x:torch.Tensor, rgb:bool=False) -> torch.Tensor:
-    "Images in [-1, 1] [B, C, H, W] -> uint8 (uint8 kept as it is); grey repeated to three channels if `rgb` (as image metrics expect)."
-    if x.dtype != torch.uint8: x = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return x.expand(-1, 3, -1, -1).contiguous() if rgb and x.shape[1] == 1 else x
-
-class ImageBank:
-    "A decoded dataset held as uint8 images [N, C, H, W] and labels [N] on one device."
-    def __init__(self, images:torch.Tensor, labels:torch.Tensor, class_counts, classes=None):
-        self.images, self.labels = images, labels
-        self.class_counts, self.classes = list(class_counts), classes
-    @classmethod
-    def from_dataset(cls, ds, device='cpu', batch_size:int=256, num_workers:int=0):
-        "Decode every item of `ds` (images in [-1, 1]) once."
-        from torch.utils.data import DataLoader
-        xs, ys = [], []
-        for x, y in DataLoader(ds, batch_size=batch_size, num_workers=num_workers):
-            xs.append(to_uint8(x)); ys.append(torch.as_tensor(y))
-        images, labels = torch.cat(xs).to(device), torch.cat(ys).long().to(device)
-        counts = getattr(ds, 'class_counts', None) or torch.bincount(labels.cpu()).tolist()
-        return cls(images, labels, counts, getattr(ds, 'classes', None))
-    def __len__(self): return len(self.labels)
-    @property
-    def device(self): return self.images.device
-    def to(self, device) -> 'ImageBank':
-        return ImageBank(self.images.to(device), self.labels.to(device), self.class_counts, self.classes)
-    def batch(self, idx:torch.Tensor, flip:bool=False, generator=None):
-        "Images in [-1, 1] (float32) and labels for indices `idx`, with random horizontal flips if `flip`."
-        x = self.images[idx].float() / 127.5 - 1
-        if flip:
-            gdev = generator.device if generator is not None else self.device
-            f = (torch.rand(len(idx), generator=generator, device=gdev) < 0.5).to(self.device)
-            x = torch.where(f[:, None, None, None], x.flip(-1), x)
-        return x, self.labels[idx]
-
-# %% ../nbs/06_train.ipynb #13668136
-class EpochBatches:
-    "Indices of global batch `step`: consecutive slices of per-epoch permutations seeded by (seed, epoch), sharded by rank."
-    def __init__(self, n:int, batch_size:int, seed:int=0, rank:int=0, world:int=1, device='cpu'):
-        if batch_size % world: raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world}")
-        if n < batch_size: raise ValueError(f"the dataset has {n} images, fewer than one batch of {batch_size}; lower batch_size")
-        self.n, self.bs, self.seed, self.rank, self.world, self.device = n, batch_size, seed, rank, world, device
-        self.per_epoch = n // batch_size
-        self._cache = (None, None)
-    def perm(self, epoch:int) -> torch.Tensor:
-        "This epoch's permutation, made on the CPU from (seed, epoch) and copied to the device once per epoch."
-        if self._cache[0] != epoch:
-            p = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
-            self._cache = (epoch, p.to(self.device))
-        return self._cache[1]
-    def __call__(self, step:int) -> torch.Tensor:
-        epoch, k = divmod(step, self.per_epoch)
-        batch = self.perm(epoch)[k * self.bs:(k + 1) * self.bs]
-        local = self.bs // self.world
-        return batch[self.rank * local:(self.rank + 1) * local]
-
 # %% ../nbs/06_train.ipynb #ea6b3edf
 def load_training_data(cfg:TrainConfig):
     "The long-tailed training dataset named by `cfg` (images in [-1, 1], no random flips: the loop flips)."
@@ -399,33 +343,56 @@ Trainer._wrap, Trainer._open = _wrap, _open
 # %% ../nbs/06_train.ipynb #trckpt
 def _save(self:Trainer, path=None):
     "Write the training state to `path` (default: the run's checkpoint) on rank 0; no checks, no collective calls."
-    to_run = path is None or Path(path) == self.folder.checkpoint
-    if to_run: self.last_good = self.step   # every rank knows which step is on disk
-    if not self.main: return
-    classes = None if self.bank.classes is None else [str(c) for c in self.bank.classes]
-    save_checkpoint(dict(model=self.model.state_dict(), ema=self.ema.state_dict(), method=self.method.state_dict(),
-                         optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), step=self.step,
-                         rng=rng_state(self.generator), config=asdict(self.cfg),
-                         class_counts=[int(c) for c in self.bank.class_counts], classes=classes), path or self.folder.checkpoint)
+    rank_rngs = self.__dict__.pop('rank_rngs', None)   # every rank's generators, gathered by `checkpoint` under DDP
+    if self.main:
+        classes = None if self.bank.classes is None else [str(c) for c in self.bank.classes]
+        save_checkpoint(dict(model=self.model.state_dict(), ema=self.ema.state_dict(), method=self.method.state_dict(),
+                             optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(), step=self.step,
+                             rng=rng_state(self.generator), rank_rngs=rank_rngs, config=asdict(self.cfg),
+                             class_counts=[int(c) for c in self.bank.class_counts], classes=classes), path or self.folder.checkpoint)
+    if path is None or Path(path) == self.folder.checkpoint:
+        self.last_good = self.step   # only once the file is on disk: a save cut short by a second Ctrl-C leaves the old step
 
 def _checkpoint(self:Trainer):
     "The `before_save` callbacks (the NaN guard), then `save` to the run's checkpoint; called on every rank."
     self.callback('before_save')   # a broken state never overwrites the last good checkpoint
+    if self.ddp:   # each rank draws its own noise and timesteps: keep every rank's generators, not only rank 0's
+        self.rank_rngs = [None] * self.world; dist.all_gather_object(self.rank_rngs, rng_state(self.generator))
     self.save()
 
 def _load(self:Trainer, path):
-    ck = load_checkpoint(path, self.device)
+    ck = load_checkpoint(path, 'cpu')   # generator states must stay on the CPU; load_state_dict moves the rest where it belongs
     diff = config_diff(ck['config'], self.cfg)
     if diff: raise RunFolderError(f"checkpoint {path} belongs to another configuration; differing settings (checkpoint, requested): {diff}")
     self.model.load_state_dict(ck['model']); self.ema.load_state_dict(ck['ema']); self.method.load_state_dict(ck['method'])
+    fused = self.opt.defaults.get('fused')
     self.opt.load_state_dict(ck['optimizer']); self.sched.load_state_dict(ck['scheduler'])
+    use_fused(self.opt, fused)   # the configured switch, not the one saved in the checkpoint's param groups
     self.step = self.last_good = ck['step']
-    set_rng_state(ck['rng'], self.generator)
+    self.restore_rng(ck)
     if self.main: self.folder.resumed_at(self.step)
     self.log(f"resumed from {path} at step {self.step}")
 
-Trainer.save, Trainer.checkpoint, Trainer.load = _save, _checkpoint, _load
+def _restore_rng(self:Trainer, ck:dict):
+    "Restore this rank's saved generators; where only rank 0's were saved, rank r > 0 starts a fresh stream of its own."
+    ranks = ck.get('rank_rngs')
+    if ranks is not None and len(ranks) == self.world: return set_rng_state(ranks[self.rank], self.generator)
+    if self.rank == 0: return set_rng_state(ck['rng'], self.generator)
+    seed = self.cfg.seed * 1000 + self.rank + 7919 * ck['step']   # not rank 0's stream: ranks must not draw the same noise
+    seed_everything(seed); self.generator.manual_seed(seed)
 
+def use_fused(opt:torch.optim.Optimizer, fused):
+    "Set every param group's `fused` flag (and where Adam keeps its step count: on the device when fused)."
+    for g in opt.param_groups:
+        g['fused'] = fused
+        for p in g['params']:
+            state = opt.state.get(p, {})
+            if torch.is_tensor(state.get('step')): state['step'] = state['step'].to(p.device if fused else 'cpu')
+
+Trainer.save, Trainer.checkpoint, Trainer.load, Trainer.restore_rng = _save, _checkpoint, _load, _restore_rng
+
+
+# %% ../nbs/06_train.ipynb #trfromck
 def model_from_loaded(ck:dict, ema:bool=True, device='cpu'):
     "(model, config, class_counts) from a checkpoint dict read by `load_checkpoint`."
     cfg = config_from_dict(ck['config'])
@@ -492,11 +459,12 @@ Trainer.callback, Trainer._cleanup, Trainer.due, Trainer.fit = _callback, _clean
 class NonFiniteLoss(RuntimeError): "The training loss became NaN or inf."
 
 class NaNGuardCB(Callback):
-    "Stop with `NonFiniteLoss` if a loss was NaN or inf: checked at each log or checkpoint step and before every save."
+    "Stop with `NonFiniteLoss` if a loss or gradient norm was NaN or inf: checked at each log or checkpoint step and before every save."
     order = 10
     def before_fit(self, t): self.bad, self.n = None, 0
     def after_step(self, t):
         bad = ~torch.isfinite(t.parts['loss'])   # a device flag: nothing is read back here
+        if 'grad_norm' in t.parts: bad = bad | ~torch.isfinite(t.parts['grad_norm'])   # a finite loss, inf gradients (bf16)
         self.bad, self.n = (bad if self.bad is None else self.bad | bad), self.n + 1
         if t.due(t.cfg.log_every) or t.due(t.cfg.ckpt_every): self.check(t)
     def check(self, t):
@@ -507,7 +475,7 @@ class NaNGuardCB(Callback):
         if t.ddp: bad = bad.int(); dist.all_reduce(bad, op=dist.ReduceOp.MAX)   # stop every rank, not just the one that saw it
         if bool(bad):   # the only host sync of the loop
             where = f"last good checkpoint: step {t.last_good}" if t.last_good is not None else "no checkpoint was written"
-            raise NonFiniteLoss(f"the loss became NaN or inf between steps {t.step - n + 1} and {t.step}; "
+            raise NonFiniteLoss(f"the loss or its gradients became NaN or inf between steps {t.step - n + 1} and {t.step}; "
                                 f"stopping ({where}, kept in {t.out}). Lower lr or check the data.")
     before_save = check   # and before every checkpoint, so a broken state never overwrites a good one
 
