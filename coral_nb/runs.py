@@ -25,7 +25,10 @@ def write_atomic(path, write):
     "Call write(tmp) on a temporary file in the same folder, then rename it to `path`: readers never see half a file."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f'.{path.name}.tmp{os.getpid()}')
-    try: write(tmp); os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, 'r+b') as f: os.fsync(f.fileno())   # on disk before the rename: a power cut cannot leave an empty file
+        os.replace(tmp, path)
     except BaseException:   # an error or an interrupt mid-write: no stray temporary file, the old `path` untouched
         tmp.unlink(missing_ok=True); raise
 
@@ -160,7 +163,8 @@ def set_rng_state(s:dict, generator:torch.Generator):
     kind, key, pos, has_gauss, gauss = s['numpy']
     np.random.set_state((kind, np.asarray(key, dtype=np.uint32), int(pos), int(has_gauss), float(gauss)))
     torch.set_rng_state(s['torch'].cpu()); generator.set_state(s['generator'].cpu())   # states are CPU byte tensors, wherever loaded
-    if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all([c.cpu() for c in s['cuda']])
+    if 'cuda' in s and torch.cuda.is_available():   # as many GPUs as both machines have (a resume may see fewer)
+        for i, c in enumerate(s['cuda'][:torch.cuda.device_count()]): torch.cuda.set_rng_state(c.cpu(), i)
 
 def seed_everything(seed:int):
     "Seed Python's, NumPy's and torch's global generators."

@@ -464,7 +464,7 @@ class NaNGuardCB(Callback):
     def before_fit(self, t): self.bad, self.n = None, 0
     def after_step(self, t):
         bad = ~torch.isfinite(t.parts['loss'])   # a device flag: nothing is read back here
-        if 'grad_norm' in t.parts: bad = bad | ~torch.isfinite(t.parts['grad_norm'])   # a finite loss, inf gradients (bf16)
+        if 'grad_norm' in t.parts: bad = bad | ~torch.isfinite(t.parts['grad_norm'])   # a finite loss, exploding gradients
         self.bad, self.n = (bad if self.bad is None else self.bad | bad), self.n + 1
         if t.due(t.cfg.log_every) or t.due(t.cfg.ckpt_every): self.check(t)
     def check(self, t):
